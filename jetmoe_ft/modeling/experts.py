@@ -51,13 +51,17 @@ def sort_by_expert(expert_index: torch.Tensor, num_experts: int, row_multiple: i
         padded_counts, num_rows = counts, num_slots
     group_ends = padded_counts.cumsum(0)
     sorted_expert = flat_expert[order]
-    rank_in_group = torch.arange(num_slots, device=flat_expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    rank_in_group = (
+        torch.arange(num_slots, device=flat_expert.device) - (counts.cumsum(0) - counts)[sorted_expert]
+    )
     sorted_rows = (group_ends - padded_counts)[sorted_expert] + rank_in_group
     slot_row = torch.empty_like(order).scatter_(0, order, sorted_rows)
     if num_rows == num_slots:
         row_slot = order
     else:
-        row_slot = torch.zeros(num_rows, dtype=order.dtype, device=order.device).scatter_(0, sorted_rows, order)
+        row_slot = torch.zeros(num_rows, dtype=order.dtype, device=order.device).scatter_(
+            0, sorted_rows, order
+        )
     # The slack rows after the last real group join the last expert, so every row is computed (and finite).
     group_ends = torch.cat([group_ends[:-1], group_ends.new_full((1,), num_rows)]).to(torch.int32)
     return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k)
@@ -75,14 +79,63 @@ def loop_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: Expert
     """Reference backend: one `F.linear` per expert on its slice of rows (syncs with the host)."""
     ends = routing.group_ends.tolist()
     starts = [0, *ends[:-1]]
-    outputs = [F.linear(rows[start:end], weight[e]) for e, (start, end) in enumerate(zip(starts, ends))]
+    outputs = [F.linear(rows[start:end], weight[e]) for e, (start, end) in enumerate(zip(starts, ends, strict=True))]
     return torch.cat(outputs, dim=0)
 
 
-def grouped_mm_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """All experts in one `torch._grouped_mm` call over the expert-sorted rows; no host sync."""
+@torch.library.custom_op("jetmoe_ft::grouped_linear", mutates_args=())
+def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    """`rows[r] @ weight[e].T` for the rows r of each expert group e, in one `torch._grouped_mm` call.
+
+    A custom op so `torch.compile` treats it as one opaque call: the meta function of `_grouped_mm`
+    accepts bf16 only (a CUDA rule), which would otherwise stop compiling fp32 models on the CPU.
+    """
+    return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=group_ends)
+
+
+@grouped_linear.register_fake
+def _(rows, weight, group_ends):
+    return rows.new_empty(rows.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("jetmoe_ft::grouped_linear_backward", mutates_args=())
+def grouped_linear_backward(
+    grad_output: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of `grouped_linear` with respect to its rows and its `[E, out, in]` weight."""
+    grad_rows = torch._grouped_mm(grad_output, weight, offs=group_ends)
+    grad_weight = torch._grouped_mm(grad_output.t(), rows, offs=group_ends)
+    # An expert with no rows gets no gradient; don't trust what the kernel left in its slice.
+    group_sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1))
+    grad_weight = torch.where((group_sizes > 0)[:, None, None], grad_weight, 0)
+    return grad_rows, grad_weight
+
+
+@grouped_linear_backward.register_fake
+def _(grad_output, rows, weight, group_ends):
+    return rows.new_empty(rows.shape), weight.new_empty(weight.shape)
+
+
+def _grouped_linear_setup_context(ctx, inputs, output):
+    rows, weight, group_ends = inputs
+    ctx.save_for_backward(rows, weight, group_ends)
+
+
+def _grouped_linear_backward(ctx, grad_output):
+    rows, weight, group_ends = ctx.saved_tensors
+    grad_rows, grad_weight = grouped_linear_backward(grad_output.contiguous(), rows, weight, group_ends)
+    return grad_rows, grad_weight, None
+
+
+grouped_linear.register_autograd(_grouped_linear_backward, setup_context=_grouped_linear_setup_context)
+
+
+def grouped_mm_expert_linear(
+    rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting
+) -> torch.Tensor:
+    """All experts in one grouped matmul over the expert-sorted rows; no host sync."""
     dtype = compute_dtype(rows)
-    return torch._grouped_mm(rows.to(dtype), weight.to(dtype).transpose(-2, -1), offs=routing.group_ends)
+    return grouped_linear(rows.to(dtype), weight.to(dtype), routing.group_ends)
 
 
 ExpertLinear = Callable[[torch.Tensor, torch.Tensor, ExpertRouting], torch.Tensor]
@@ -93,21 +146,27 @@ EXPERT_BACKENDS: dict[str, ExpertLinear] = {
 }
 
 
-def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs here: on CPU in fp32/bf16/fp16, on CUDA in bf16 on SM >= 8.0."""
+def grouped_mm_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs on this weight: fp32/bf16/fp16 on CPU, bf16 on CUDA SM >= 8.0,
+    and row strides of both operands a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm"):
         return False
+    device = weight.device
     if device.type == "cpu":
-        return dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if device.type == "cuda":
-        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
-    return False
+        dtype_ok = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    elif device.type == "cuda":
+        dtype_ok = dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] >= 8
+    else:
+        dtype_ok = False
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    _, out_features, in_features = weight.shape
+    return dtype_ok and (in_features * itemsize) % 16 == 0 and (out_features * itemsize) % 16 == 0
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype) -> ExpertLinear:
-    """The expert matmul for `moe_backend=name`; `auto` takes grouped_mm where supported, else the loop."""
+def resolve_backend(name: str, weight: torch.Tensor, dtype: torch.dtype) -> ExpertLinear:
+    """The expert matmul for `moe_backend=name`; `auto` takes grouped_mm where it runs, else the loop."""
     if name == "auto":
-        name = "grouped_mm" if grouped_mm_supported(device, dtype) else "loop"
+        name = "grouped_mm" if grouped_mm_supported(weight, dtype) else "loop"
     return EXPERT_BACKENDS[name]
 
 
@@ -115,6 +174,10 @@ def default_row_multiple(device: torch.device, dtype: torch.dtype, num_slots: in
     """Row padding per expert group: 64 for half precision on CPU, where oneDNN re-plans a matmul for every
     new row count, when the padding costs at most a quarter more rows (never while decoding); else none."""
     multiple = 64
-    if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and num_slots >= 4 * num_experts * multiple:
+    if (
+        device.type == "cpu"
+        and dtype in (torch.bfloat16, torch.float16)
+        and num_slots >= 4 * num_experts * multiple
+    ):
         return multiple
     return 1

@@ -122,7 +122,7 @@ class JetMoeParallelExperts(nn.Module):
         self.backend = backend
 
     def forward(self, rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        expert_linear = resolve_backend(self.backend, rows.device, compute_dtype(rows))
+        expert_linear = resolve_backend(self.backend, self.weight, compute_dtype(rows))
         return expert_linear(rows, self.weight, routing)
 
     def extra_repr(self) -> str:
@@ -205,9 +205,15 @@ class JetMoeMoA(nn.Module):
         self.top_k = config.num_experts_per_tok
         self.bias = nn.Parameter(torch.empty(self.input_size))
         backend = config.moe_backend
-        self.input_linear = JetMoeParallelExperts(self.num_experts, self.input_size, self.hidden_size, backend)
-        self.output_linear = JetMoeParallelExperts(self.num_experts, self.hidden_size, self.input_size, backend)
-        self.router = JetMoeTopKGating(self.input_size, self.num_experts, self.top_k, config.expert_row_multiple)
+        self.input_linear = JetMoeParallelExperts(
+            self.num_experts, self.input_size, self.hidden_size, backend
+        )
+        self.output_linear = JetMoeParallelExperts(
+            self.num_experts, self.hidden_size, self.input_size, backend
+        )
+        self.router = JetMoeTopKGating(
+            self.input_size, self.num_experts, self.top_k, config.expert_row_multiple
+        )
 
     def map(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
         """Queries of each token's k experts: [b, t, hidden] -> [b, t, k, kv_heads * kv_channels]."""
@@ -246,7 +252,9 @@ class JetMoeAttention(nn.Module):
         # grouped-query attention, with no tiled copy of the keys and values.
         self.num_key_value_groups = self.top_k
         self.experts = JetMoeMoA(config)
-        self.kv_proj = nn.Linear(config.hidden_size, 2 * config.kv_channels * config.num_key_value_heads, bias=False)
+        self.kv_proj = nn.Linear(
+            config.hidden_size, 2 * config.kv_channels * config.num_key_value_heads, bias=False
+        )
 
     def forward(
         self,
@@ -389,7 +397,9 @@ class JetMoeModel(JetMoePreTrainedModel):
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
         output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         if output_router_logits is None:
             output_router_logits = config.output_router_logits
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
@@ -403,7 +413,9 @@ class JetMoeModel(JetMoePreTrainedModel):
             position_ids = position_ids_from_cu_seq_lens(kwargs["cu_seq_lens_q"]).to(inputs_embeds.device)
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = (
+                torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            )
             position_ids = position_ids.unsqueeze(0)
 
         # An empty cache changes no mask size, but it hides packed sequences (restarting position ids) from
@@ -469,7 +481,9 @@ def jetmoe_router_loss(
         chosen = logits.topk(top_k, dim=-1).indices.reshape(-1)
         counts = logits.new_zeros(num_experts).scatter_add_(0, chosen, weight.repeat_interleave(top_k))
         prob_mass = (probs * weight[:, None]).sum(0)
-        switch_loss = num_experts * (F.normalize(prob_mass, p=1, dim=0) * F.normalize(counts, p=1, dim=0)).sum()
+        switch_loss = (
+            num_experts * (F.normalize(prob_mass, p=1, dim=0) * F.normalize(counts, p=1, dim=0)).sum()
+        )
         z_loss = (torch.logsumexp(logits, dim=-1).square() * weight).sum() / weight.sum().clamp(min=1)
         total = total + switch_loss + z_loss_coef * z_loss
     return total
@@ -481,7 +495,9 @@ def _router_loss_for(config: JetMoeConfig, router_logits, attention_mask) -> tor
         # With a cache, the mask covers past tokens too; the router logits only the new ones.
         new_tokens = router_logits[0].shape[0] // attention_mask.shape[0]
         token_mask = attention_mask[:, -new_tokens:]
-    return jetmoe_router_loss(router_logits, config.num_experts_per_tok, config.router_z_loss_coef, token_mask)
+    return jetmoe_router_loss(
+        router_logits, config.num_experts_per_tok, config.router_z_loss_coef, token_mask
+    )
 
 
 class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
@@ -601,7 +617,9 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
 
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config)
+            loss = self.loss_function(
+                logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
+            )
         aux_loss = None
         if output_router_logits:
             aux_loss = _router_loss_for(self.config, outputs.router_logits, attention_mask)
