@@ -79,7 +79,9 @@ def loop_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: Expert
     """Reference backend: one `F.linear` per expert on its slice of rows (syncs with the host)."""
     ends = routing.group_ends.tolist()
     starts = [0, *ends[:-1]]
-    outputs = [F.linear(rows[start:end], weight[e]) for e, (start, end) in enumerate(zip(starts, ends, strict=True))]
+    outputs = [
+        F.linear(rows[start:end], weight[e]) for e, (start, end) in enumerate(zip(starts, ends, strict=True))
+    ]
     return torch.cat(outputs, dim=0)
 
 

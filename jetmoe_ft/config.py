@@ -1,0 +1,308 @@
+"""Recipes: one flat YAML file per run, parsed with TRL's `TrlParser` into dataclasses.
+
+Keys are TRL/transformers argument names (`SFTConfig`, `DPOConfig`, ..., TRL's `ModelConfig`) plus
+`DataArguments` and `JetMoeArguments` below. YAML values come first, then `--key value` overrides from
+the command line. Every user mistake found here raises `RecipeError`: one line naming the field and
+the fix, before any model or data set is loaded.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from trl import ModelConfig, TrlParser
+
+from .modeling.configuration_jetmoe import MOE_BACKENDS
+
+
+class RecipeError(ValueError):
+    """A mistake in a recipe or its overrides, explained in one line."""
+
+
+@dataclass
+class JetMoeArguments:
+    """JetMoE fields of a recipe. `None` keeps what the model's own config says."""
+
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Tokenizer to use; defaults to the model's own (the embedded one for the tiny model)."
+        },
+    )
+    model_seed: int = field(default=0, metadata={"help": "Seed of the random tiny model (`jetmoe-ft/tiny`)."})
+    moe_backend: str | None = field(
+        default=None, metadata={"help": "Expert dispatch: auto, loop or grouped_mm.", "choices": MOE_BACKENDS}
+    )
+    expert_row_multiple: int | None = field(
+        default=None, metadata={"help": "Pad each expert's rows to a multiple of this (null: automatic)."}
+    )
+    aux_loss_coef: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the JetMoE router loss in the training loss; 0 turns it off."},
+    )
+    router_z_loss_coef: float | None = field(
+        default=None, metadata={"help": "Weight of the z-loss inside the router loss (JetMoE: 0.1)."}
+    )
+    router_loss_ignore_padding: bool | None = field(
+        default=None, metadata={"help": "Leave padding tokens out of the router loss statistics."}
+    )
+
+    def model_config_overrides(self) -> dict[str, Any]:
+        """The fields to set on the model config, leaving out those the recipe did not set."""
+        names = ("moe_backend", "expert_row_multiple", "aux_loss_coef", "router_z_loss_coef")
+        overrides = {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+        if self.router_loss_ignore_padding is not None:
+            overrides["router_loss_ignore_padding"] = self.router_loss_ignore_padding
+        return overrides
+
+
+DATASET_ENTRY_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "weight")
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from: one source (`dataset_name`) or a mixture (`datasets`)."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "An embedded data set, a local file or folder (json/jsonl/csv/parquet), or a hub id."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the data set."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
+    datasets: list[dict] | None = field(
+        default=None,
+        metadata={
+            "help": "A mixture: entries with path, name, data_dir, data_files, split, columns, weight."
+        },
+    )
+    test_split_size: float | None = field(
+        default=None,
+        metadata={"help": "Hold out this share of the training data when there is no test split."},
+    )
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many training rows."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use at most this many evaluation rows."}
+    )
+
+    def __post_init__(self):
+        if self.dataset_name is None and not self.datasets:
+            raise RecipeError(
+                "No data: set `dataset_name:` (e.g. `dataset_name: chatterbot`) or a `datasets:` list."
+            )
+        if self.dataset_name is not None and self.datasets:
+            raise RecipeError("Set either `dataset_name:` or `datasets:`, not both.")
+        for index, entry in enumerate(self.datasets or []):
+            where = f"datasets[{index}]"
+            if not isinstance(entry, dict):
+                raise RecipeError(
+                    f"{where}: expected a mapping with `path:` (and name, split, ...), got {entry!r}."
+                )
+            for key in entry:
+                if key not in DATASET_ENTRY_KEYS:
+                    raise RecipeError(
+                        f"{where}: unknown key `{key}`{_did_you_mean(key, DATASET_ENTRY_KEYS)}."
+                    )
+            if "path" not in entry:
+                raise RecipeError(
+                    f"{where}: `path:` is missing (an embedded name, a local file or a hub id)."
+                )
+            weight = entry.get("weight")
+            if weight is not None and (not isinstance(weight, int | float) or weight <= 0):
+                raise RecipeError(f"{where}.weight: expected a positive number, got {weight!r}.")
+        if self.test_split_size is not None and not 0 < self.test_split_size < 1:
+            raise RecipeError(
+                f"test_split_size: expected a number between 0 and 1, got {self.test_split_size}."
+            )
+
+
+@dataclass
+class Recipe:
+    """A parsed recipe: one dataclass per group of fields, and where it came from."""
+
+    data: DataArguments
+    training: Any
+    model: ModelConfig
+    jetmoe: JetMoeArguments
+    path: Path | None = None
+    values: dict[str, Any] = field(default_factory=dict)
+    """The recipe's values after the command-line overrides, as written to the output directory."""
+
+    def save(self, output_dir: str | Path) -> Path:
+        """Write the effective recipe to `output_dir/recipe.yaml`."""
+        target = Path(output_dir) / "recipe.yaml"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        header = f"# Effective recipe of this run (from {self.path or 'the command line'}, with overrides).\n"
+        target.write_text(header + yaml.safe_dump(self.values, sort_keys=False))
+        return target
+
+
+def parse_recipe(training_cls: type, argv: list[str] | None = None) -> Recipe:
+    """Parse `--config RECIPE.yaml [--key value ...]` into a `Recipe` whose training fields are `training_cls`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dataclass_types = [DataArguments, training_cls, ModelConfig, JetMoeArguments]
+    parser = TrlParser(dataclass_types)
+    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
+    field_types = _field_types(dataclass_types)
+
+    path, values = None, {}
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise RecipeError("--config: give the path of a recipe YAML file.")
+        path = Path(argv[index + 1])
+        del argv[index : index + 2]
+        values = read_recipe_file(path)
+    values = {key: _coerce(key, value, actions, field_types) for key, value in values.items()}
+    parser.set_defaults_with_config(**values)
+
+    override_keys = _command_line_keys(argv, actions)
+    try:
+        parsed = parser.parse_args_into_dataclasses(args=argv)
+    except RecipeError:
+        raise
+    except (ValueError, TypeError) as error:
+        raise RecipeError(f"{path or 'recipe'}: {error}") from None
+    for key in override_keys:
+        owner = next(group for group in parsed if hasattr(group, key))
+        values[key] = _plain(getattr(owner, key))
+    return Recipe(*parsed, path=path, values=values)
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """The YAML mapping of a recipe file, with a readable error for a missing or malformed file."""
+    if not path.is_file():
+        raise RecipeError(f"--config: no recipe file at {path}.")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)}).") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise RecipeError(f"{path}: a recipe is a flat YAML mapping of `key: value` lines.")
+    if "config" in values:
+        raise RecipeError(f"{path}: `config` is not a recipe key (it is the --config flag itself).")
+    return values
+
+
+def recipe_keys(training_cls: type) -> list[str]:
+    """Every key a recipe for `training_cls` accepts."""
+    return sorted(_field_types([DataArguments, training_cls, ModelConfig, JetMoeArguments]))
+
+
+def _field_types(dataclass_types) -> dict[str, Any]:
+    hints = {}
+    for cls in dataclass_types:
+        resolved = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.init:
+                hints[f.name] = resolved.get(f.name, f.type)
+    return hints
+
+
+def _did_you_mean(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _command_line_keys(argv: list[str], actions: dict[str, argparse.Action]) -> list[str]:
+    """The keys of the `--key value` overrides, refusing unknown ones with a suggestion."""
+    keys = []
+    for token in argv:
+        if token.startswith("--"):
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            if key not in actions:
+                raise RecipeError(f"--{key}: unknown option{_did_you_mean(key, actions)}.")
+            keys.append(key)
+    return keys
+
+
+def _plain(value: Any) -> Any:
+    """A YAML-friendly copy of a parsed value (enums become their value)."""
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    return getattr(value, "value", value)
+
+
+def _allows(annotation, kind: type) -> bool:
+    """Whether a type annotation admits values of `kind` (dict, list, NoneType)."""
+    if annotation is kind or typing.get_origin(annotation) is kind:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(_allows(arg, kind) for arg in typing.get_args(annotation))
+    return False
+
+
+def _coerce(key: str, value: Any, actions: dict[str, argparse.Action], field_types: dict[str, Any]) -> Any:
+    """Check one YAML value against its field, converting what YAML reads loosely (`2e-5` is a string)."""
+    if key not in actions:
+        raise RecipeError(f"unknown key `{key}`{_did_you_mean(key, actions)}.")
+    action, annotation = actions[key], field_types.get(key)
+    if value is None:
+        return value
+    if isinstance(value, dict):
+        if _allows(annotation, dict):
+            return value
+        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got a mapping.")
+    if isinstance(value, list):
+        if _allows(annotation, list) and any(isinstance(item, dict) for item in value):
+            return value  # a list of mappings (`datasets:`), checked by its dataclass
+        if action.nargs in ("+", "*"):
+            return [_convert(key, item, action, annotation) for item in value]
+        if _allows(annotation, list):
+            return value
+        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got a list.")
+    return _convert(key, value, action, annotation)
+
+
+def _convert(key: str, value: Any, action: argparse.Action, annotation: Any) -> Any:
+    choices = list(action.choices) if action.choices is not None else None
+    if isinstance(value, bool) and choices and {"no", "yes"} & set(map(str, choices)):
+        value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false
+    try:
+        converted = action.type(value if isinstance(value, str) else str(value)) if action.type else value
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got {value!r}.") from None
+    if choices is not None and converted not in choices and str(converted) not in map(str, choices):
+        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}.")
+    return converted
+
+
+def _describe(action: argparse.Action, annotation: Any) -> str:
+    """What a field accepts, in words."""
+    if action.choices is not None:
+        return "one of " + ", ".join(map(str, action.choices))
+    kinds = typing.get_args(annotation) or (annotation,)
+    element_kinds = {arg for kind in kinds for arg in typing.get_args(kind)[:1]}
+    words = next(
+        (
+            text
+            for kind, text in (
+                (bool, "true or false"),
+                (int, "an integer"),
+                (float, "a number"),
+                (str, "a string"),
+            )
+            if kind in kinds or kind in element_kinds
+        ),
+        "a value",
+    )
+    if action.nargs in ("+", "*"):
+        return "a list of " + (
+            "true/false values" if words == "true or false" else words.split(" ", 1)[-1] + "s"
+        )
+    return words

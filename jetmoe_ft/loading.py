@@ -1,0 +1,104 @@
+"""Tokenizer and model for a recipe: the embedded tiny default, a local directory, or a hub id."""
+
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_tokenizer
+from .config import Recipe, RecipeError
+from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
+
+TINY_NAMES = (TINY_MODEL, "tiny")
+EMBEDDED_TOKENIZER_NAMES = (EMBEDDED_TOKENIZER, "embedded")
+
+
+def model_path(recipe: Recipe) -> str:
+    """The recipe's `model_name_or_path`, with a clear error when it is missing."""
+    path = recipe.model.model_name_or_path
+    if not path:
+        raise RecipeError(
+            f"model_name_or_path: missing; use `{TINY_MODEL}` for the embedded tiny model or a path."
+        )
+    if path not in TINY_NAMES and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise RecipeError(f"model_name_or_path: no such directory {path}.")
+    return path
+
+
+def load_recipe_tokenizer(recipe: Recipe) -> PreTrainedTokenizerBase:
+    """The tokenizer a recipe names (`tokenizer_name_or_path`, else the model's own; embedded for tiny)."""
+    name = recipe.jetmoe.tokenizer_name_or_path or model_path(recipe)
+    if name in EMBEDDED_TOKENIZER_NAMES or name in TINY_NAMES:
+        return load_tokenizer()
+    try:
+        return AutoTokenizer.from_pretrained(name, revision=recipe.model.model_revision)
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"tokenizer_name_or_path: cannot load a tokenizer from {name} ({str(error).splitlines()[0][:200]})."
+        ) from None
+
+
+def check_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, dataset: Dataset, max_length: int | None, pad_token=None
+):
+    """Chat template for conversational data, a pad token, and a `max_length` that fits some example."""
+    conversational = any(column in dataset.column_names for column in ("messages", "chosen", "prompt")) and (
+        isinstance(dataset[0].get("messages", dataset[0].get("chosen", dataset[0].get("prompt"))), list)
+    )
+    if conversational and not tokenizer.chat_template:
+        raise RecipeError(
+            "The tokenizer has no chat template but the data is conversational: set `chat_template_path:` "
+            "(a Jinja file or a tokenizer directory) or use a tokenizer that has one."
+        )
+    if tokenizer.pad_token is None and pad_token is None:
+        raise RecipeError("The tokenizer has no pad token: set `pad_token:` (e.g. its unk or eos token).")
+    if max_length is not None:
+        sample = dataset.select(range(min(200, len(dataset))))
+        lengths = [len(ids) for ids in _token_ids(tokenizer, sample, conversational)]
+        if min(lengths) > max_length:
+            raise RecipeError(
+                f"max_length: {max_length} is shorter than every example checked (shortest {min(lengths)} tokens, "
+                f"median {sorted(lengths)[len(lengths) // 2]}); raise it."
+            )
+
+
+def _token_ids(tokenizer, sample: Dataset, conversational: bool):
+    for row in sample:
+        if conversational and "messages" in row:
+            yield tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]
+        elif conversational:
+            messages = (row.get("prompt") or []) + row["chosen"]
+            yield tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+        else:
+            text = row.get("text") or (row.get("prompt", "") + row.get("completion", ""))
+            yield tokenizer(text)["input_ids"]
+
+
+def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_kwargs):
+    """Our JetMoE model for a recipe, with the recipe's JetMoE fields, dtype and attention applied."""
+    path = model_path(recipe)
+    overrides = {**recipe.jetmoe.model_config_overrides(), **config_kwargs}
+    dtype = _torch_dtype(recipe.model.dtype)
+    attn_implementation = recipe.model.attn_implementation
+    if path in TINY_NAMES:
+        if attn_implementation:
+            overrides["attn_implementation"] = attn_implementation
+        model = build_tiny_model(recipe.jetmoe.model_seed, cls, **overrides)
+        return model.to(dtype) if dtype is not None else model
+    config = JetMoeConfig.from_pretrained(path, revision=recipe.model.model_revision, **overrides)
+    if config.model_type != "jetmoe":
+        raise RecipeError(f"model_name_or_path: {path} is a {config.model_type} model, not JetMoE.")
+    return cls.from_pretrained(
+        path,
+        config=config,
+        revision=recipe.model.model_revision,
+        dtype=dtype if dtype is not None else "auto",
+        attn_implementation=attn_implementation,
+    )
+
+
+def _torch_dtype(name: str | None) -> torch.dtype | None:
+    if name in (None, "auto"):
+        return None
+    return getattr(torch, name)
