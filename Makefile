@@ -7,7 +7,9 @@ TORCH_VERSION := 2.13.0
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test bench lint format clean
+RECIPE ?=
+
+.PHONY: install test bench lint format clean sft
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +32,9 @@ test:  ## the whole test suite, offline
 
 bench:  ## benchmarks against transformers' JetMoe, one JSON line per case
 	$(BIN)/python bench/bench_model.py
+
+sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
+	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)
 
 lint:
 	$(BIN)/ruff check .

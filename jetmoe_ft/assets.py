@@ -30,26 +30,9 @@ SOURCE_MODEL = "tokenizer.model.v1"
 # Zephyr-style turn markers (the format of JetMoE-8B-chat). Only assistant turns end with eos, inside
 # `{% generation %}` so `return_assistant_tokens_mask=True` marks the answer and its eos. Each marker
 # ends with a newline so a generation prompt never ends in a space (the next token is the answer's own).
-CHAT_TEMPLATE = (
-    "{{- bos_token -}}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{%- if not loop.first -%}"
-    "{{- raise_exception('Only the first message may have the system role.') -}}"
-    "{%- endif -%}"
-    "{{- '<|system|>\\n' + message['content'] + '\\n' -}}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{{- '<|user|>\\n' + message['content'] + '\\n' -}}"
-    "{%- elif message['role'] == 'assistant' -%}"
-    "{{- '<|assistant|>\\n' -}}"
-    "{%- generation -%}{{- message['content'] + eos_token -}}{%- endgeneration -%}"
-    "{{- '\\n' -}}"
-    "{%- else -%}"
-    "{{- raise_exception('Unknown role ' + message['role'] + ': use system, user or assistant.') -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- '<|assistant|>\\n' -}}{%- endif -%}"
-)
+# Recipes for other tokenizers point `chat_template_path:` at the same file.
+CHAT_TEMPLATE_PATH = Path(__file__).parent / "chat_templates" / "zephyr.jinja"
+CHAT_TEMPLATE = CHAT_TEMPLATE_PATH.read_text()
 
 TINY_CONFIG: dict[str, Any] = {
     "vocab_size": 32000,
@@ -177,6 +160,7 @@ def build_tiny_model(seed: int = 0, cls: type = JetMoeForCausalLM, **config_over
 __all__ = [
     "CACHE_ENV",
     "CHAT_TEMPLATE",
+    "CHAT_TEMPLATE_PATH",
     "EMBEDDED_TOKENIZER",
     "TINY_CONFIG",
     "TINY_MODEL",

@@ -78,6 +78,8 @@ def _token_ids(tokenizer, sample: Dataset, conversational: bool):
 def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_kwargs):
     """Our JetMoE model for a recipe, with the recipe's JetMoE fields, dtype and attention applied."""
     path = model_path(recipe)
+    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
+        raise RecipeError("load_in_4bit / load_in_8bit: quantized (QLoRA) loading of JetMoE is not supported yet.")
     overrides = {**recipe.jetmoe.model_config_overrides(), **config_kwargs}
     dtype = _torch_dtype(recipe.model.dtype)
     attn_implementation = recipe.model.attn_implementation
@@ -86,7 +88,10 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
             overrides["attn_implementation"] = attn_implementation
         model = build_tiny_model(recipe.jetmoe.model_seed, cls, **overrides)
         return model.to(dtype) if dtype is not None else model
-    config = JetMoeConfig.from_pretrained(path, revision=recipe.model.model_revision, **overrides)
+    try:
+        config = JetMoeConfig.from_pretrained(path, revision=recipe.model.model_revision, **overrides)
+    except OSError as error:
+        raise RecipeError(f"model_name_or_path: cannot load {path} ({str(error).splitlines()[0][:200]}).") from None
     if config.model_type != "jetmoe":
         raise RecipeError(f"model_name_or_path: {path} is a {config.model_type} model, not JetMoE.")
     return cls.from_pretrained(

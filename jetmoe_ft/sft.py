@@ -8,7 +8,7 @@ import sys
 
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig, SFTTrainer, get_peft_config
 
 from .config import RecipeError, parse_recipe
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dataset=data["train"],
         eval_dataset=data.get("test"),
         processing_class=tokenizer,
+        peft_config=get_peft_config(recipe.model),
     )
     add_routing_health(trainer)
     before = evaluate(trainer, "before") if resume_from is None else {}
