@@ -79,7 +79,9 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
     """Our JetMoE model for a recipe, with the recipe's JetMoE fields, dtype and attention applied."""
     path = model_path(recipe)
     if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
-        raise RecipeError("load_in_4bit / load_in_8bit: quantized (QLoRA) loading of JetMoE is not supported yet.")
+        raise RecipeError(
+            "load_in_4bit / load_in_8bit: quantized (QLoRA) loading of JetMoE is not supported yet."
+        )
     overrides = {**recipe.jetmoe.model_config_overrides(), **config_kwargs}
     dtype = _torch_dtype(recipe.model.dtype)
     attn_implementation = recipe.model.attn_implementation
@@ -91,7 +93,9 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
     try:
         config = JetMoeConfig.from_pretrained(path, revision=recipe.model.model_revision, **overrides)
     except OSError as error:
-        raise RecipeError(f"model_name_or_path: cannot load {path} ({str(error).splitlines()[0][:200]}).") from None
+        raise RecipeError(
+            f"model_name_or_path: cannot load {path} ({str(error).splitlines()[0][:200]})."
+        ) from None
     if config.model_type != "jetmoe":
         raise RecipeError(f"model_name_or_path: {path} is a {config.model_type} model, not JetMoE.")
     return cls.from_pretrained(

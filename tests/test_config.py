@@ -33,8 +33,12 @@ def _write(tmp_path, text: str) -> Path:
 
 
 def test_yaml_values_then_command_line_overrides(tmp_path):
-    path = _write(tmp_path, "learning_rate: 2e-3\nmax_length: 64\nmoe_backend: loop\nlr_scheduler_type: cosine\n")
-    recipe = parse_recipe(SFTConfig, ["--config", str(path), "--max_length", "32", "--output_dir", str(tmp_path)])
+    path = _write(
+        tmp_path, "learning_rate: 2e-3\nmax_length: 64\nmoe_backend: loop\nlr_scheduler_type: cosine\n"
+    )
+    recipe = parse_recipe(
+        SFTConfig, ["--config", str(path), "--max_length", "32", "--output_dir", str(tmp_path)]
+    )
     assert recipe.training.learning_rate == 2e-3  # YAML reads `2e-3` as a string; it is converted
     assert recipe.training.max_length == 32
     assert recipe.jetmoe.moe_backend == "loop"
@@ -78,7 +82,9 @@ def test_mixture_entries_are_checked(tmp_path):
 def test_missing_file_unknown_override_and_no_data(tmp_path):
     with pytest.raises(RecipeError, match="no recipe file"):
         parse_recipe(SFTConfig, ["--config", str(tmp_path / "nope.yaml")])
-    with pytest.raises(RecipeError, match=r"--learnin_rate: unknown option \(did you mean `learning_rate`\?\)"):
+    with pytest.raises(
+        RecipeError, match=r"--learnin_rate: unknown option \(did you mean `learning_rate`\?\)"
+    ):
         parse_recipe(SFTConfig, ["--config", str(_write(tmp_path, "")), "--learnin_rate", "1"])
     empty = tmp_path / "empty.yaml"
     empty.write_text("bf16: false\n")

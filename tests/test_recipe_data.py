@@ -10,7 +10,10 @@ from jetmoe_ft.recipe_data import load_recipe_datasets
 
 def _chat_rows(n, offset=0):
     return [
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}], "id": i}
+        {
+            "messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}],
+            "id": i,
+        }
         for i in range(offset, offset + n)
     ]
 
@@ -32,7 +35,9 @@ def test_local_jsonl_csv_and_saved_folders(tmp_path):
     assert len(splits["train"]) == 4 and "test" not in splits
 
     folder = tmp_path / "saved"
-    DatasetDict(train=Dataset.from_list(_chat_rows(6)), test=Dataset.from_list(_chat_rows(2, 6))).save_to_disk(folder)
+    DatasetDict(
+        train=Dataset.from_list(_chat_rows(6)), test=Dataset.from_list(_chat_rows(2, 6))
+    ).save_to_disk(folder)
     splits = load_recipe_datasets(DataArguments(dataset_name=str(folder)), "sft")
     assert (len(splits["train"]), len(splits["test"])) == (6, 2)
 
@@ -61,7 +66,11 @@ def test_mixture_weights_columns_and_test_splits(tmp_path):
         (DataArguments(dataset_name="./missing.jsonl"), "sft", "no such file or folder"),
         (DataArguments(dataset_name="chatterbot_pairs"), "sft", "sft needs `messages`"),
         (DataArguments(dataset_name="chatterbot"), "dpo", "dpo needs `chosen` + `rejected`"),
-        (DataArguments(dataset_name="chatterbot", dataset_train_split="validation"), "sft", "no split `validation`"),
+        (
+            DataArguments(dataset_name="chatterbot", dataset_train_split="validation"),
+            "sft",
+            "no split `validation`",
+        ),
         (DataArguments(dataset_name="nobody/no-such-data-set"), "sft", "not an embedded data set"),
         (DataArguments(datasets=[{"path": "chatterbot", "columns": ["text"]}]), "sft", "no column text"),
     ],
