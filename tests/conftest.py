@@ -36,12 +36,16 @@ def randomize_biases(model: torch.nn.Module, seed: int = 1) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
+OURS_ONLY = ("moe_backend", "expert_row_multiple", "router_z_loss_coef", "router_loss_ignore_padding")
+
+
 def reference_and_ours(reference_cls, ours_cls, seed: int = 0, **overrides):
     """transformers' model and ours with identical weights, both in eval mode."""
+    ours_only = {key: overrides.pop(key) for key in OURS_ONLY if key in overrides}
     torch.manual_seed(seed)
     reference = reference_cls(transformers.JetMoeConfig(**tiny_kwargs(**overrides))).eval()
     randomize_biases(reference)
-    ours = ours_cls(JetMoeConfig(**tiny_kwargs(**overrides))).eval()
+    ours = ours_cls(JetMoeConfig(**tiny_kwargs(**overrides, **ours_only))).eval()
     result = ours.load_state_dict(reference.state_dict(), strict=True)
     assert not result.missing_keys and not result.unexpected_keys
     return reference, ours

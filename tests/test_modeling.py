@@ -128,3 +128,23 @@ def test_greedy_generation_matches_transformers(left_padding):
         full_mask = torch.cat([mask, torch.ones(2, 11, dtype=mask.dtype)], dim=1)
         full = ours(input_ids=got[:, :-1], attention_mask=full_mask, use_cache=False).logits
     assert torch.equal(full[:, -1].argmax(-1), got[:, -1])
+
+
+@pytest.mark.parametrize("row_multiple", [None, 8])
+@pytest.mark.parametrize("backend", ["grouped_mm", "loop"])
+def test_gradients_match_transformers(backend, row_multiple):
+    """Training signal, not only logits: every parameter's gradient equals transformers' (its index_add path)."""
+    reference, ours = reference_and_ours(
+        transformers.JetMoeForCausalLM,
+        JetMoeForCausalLM,
+        num_local_experts=6,
+        moe_backend=backend,
+        expert_row_multiple=row_multiple,
+    )
+    ids = torch.randint(1, 128, (2, 15))
+    for model in (reference, ours):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    theirs = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-5, rtol=1e-4, msg=name)

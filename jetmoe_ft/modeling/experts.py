@@ -27,6 +27,8 @@ class ExpertRouting:
     expert_counts: torch.Tensor
     """[E] number of (token, slot) pairs routed to each expert (padding not counted)."""
     top_k: int
+    row_slot_or_end: torch.Tensor
+    """[M] like `row_slot`, but padding rows hold N·k (one past the last pair): gradients skip them."""
 
     @property
     def row_token(self) -> torch.Tensor:
@@ -57,14 +59,51 @@ def sort_by_expert(expert_index: torch.Tensor, num_experts: int, row_multiple: i
     sorted_rows = (group_ends - padded_counts)[sorted_expert] + rank_in_group
     slot_row = torch.empty_like(order).scatter_(0, order, sorted_rows)
     if num_rows == num_slots:
-        row_slot = order
+        row_slot = row_slot_or_end = order
     else:
-        row_slot = torch.zeros(num_rows, dtype=order.dtype, device=order.device).scatter_(
-            0, sorted_rows, order
-        )
+        row_slot_or_end = order.new_full((num_rows,), num_slots).scatter_(0, sorted_rows, order)
+        row_slot = row_slot_or_end.masked_fill(row_slot_or_end == num_slots, 0)
     # The slack rows after the last real group join the last expert, so every row is computed (and finite).
     group_ends = torch.cat([group_ends[:-1], group_ends.new_full((1,), num_rows)]).to(torch.int32)
-    return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k)
+    return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k, row_slot_or_end)
+
+
+class _GatherRows(torch.autograd.Function):
+    """`source[index]` whose gradient is a gather too, `grad[inverse]` summed over each `group` of
+    consecutive entries, where indexing's own backward zero-fills the source and scatter-adds into it.
+    With `zero_row`, an `inverse` entry equal to len(grad) reads zero (padding rows)."""
+
+    @staticmethod
+    def forward(ctx, source, index, inverse, group: int, zero_row: bool):
+        ctx.save_for_backward(inverse)
+        ctx.group, ctx.zero_row = group, zero_row
+        return source[index]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        if ctx.zero_row:
+            grad = torch.cat([grad, grad.new_zeros(1, *grad.shape[1:])])
+        grad_source = grad[inverse]
+        if ctx.group > 1:
+            grad_source = grad_source.view(-1, ctx.group, *grad.shape[1:]).sum(1)
+        return grad_source, None, None, None, None
+
+
+def token_rows(tokens: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """[N, D] tokens -> [M, D] expert-sorted rows (each token once per chosen expert)."""
+    return _GatherRows.apply(tokens, routing.row_token, routing.slot_row, routing.top_k, False)
+
+
+def slot_rows(slots: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """[N·k, D] (token, slot) pairs -> [M, D] expert-sorted rows."""
+    return _GatherRows.apply(slots, routing.row_slot, routing.slot_row, 1, False)
+
+
+def rows_to_slots(rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """[M, D] expert-sorted rows -> [N·k, D] (token, slot) pairs; padding rows get no gradient."""
+    padded = routing.row_slot_or_end.shape[0] != routing.slot_row.shape[0]
+    return _GatherRows.apply(rows, routing.slot_row, routing.row_slot_or_end, 1, padded)
 
 
 def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -137,7 +176,11 @@ def grouped_mm_expert_linear(
 ) -> torch.Tensor:
     """All experts in one grouped matmul over the expert-sorted rows; no host sync."""
     dtype = compute_dtype(rows)
-    return grouped_linear(rows.to(dtype), weight.to(dtype), routing.group_ends)
+    rows, weight = rows.to(dtype), weight.to(dtype)
+    if torch.compiler.is_compiling():
+        return grouped_linear(rows, weight, routing.group_ends)
+    # Eager: the op itself, with its own autograd, costs less per call than the custom-op wrapper.
+    return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
 
 
 ExpertLinear = Callable[[torch.Tensor, torch.Tensor, ExpertRouting], torch.Tensor]

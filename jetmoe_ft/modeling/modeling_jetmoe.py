@@ -24,7 +24,16 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_jetmoe import JetMoeConfig
-from .experts import ExpertRouting, compute_dtype, default_row_multiple, resolve_backend, sort_by_expert
+from .experts import (
+    ExpertRouting,
+    compute_dtype,
+    default_row_multiple,
+    resolve_backend,
+    rows_to_slots,
+    slot_rows,
+    sort_by_expert,
+    token_rows,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -162,8 +171,8 @@ class JetMoeTopKGating(nn.Module):
 
 def _combine(rows_out: torch.Tensor, decision: RouterDecision) -> torch.Tensor:
     """Gate-weighted sum of each token's k expert outputs: [M, D] sorted rows -> [N, D]."""
-    per_slot = rows_out[decision.routing.slot_row].view(*decision.gates.shape, -1)
-    return torch.einsum("nkd,nk->nd", per_slot, decision.gates.to(per_slot.dtype))
+    per_slot = rows_to_slots(rows_out, decision.routing).view(*decision.gates.shape, -1)
+    return (per_slot * decision.gates.to(per_slot.dtype).unsqueeze(-1)).sum(1)
 
 
 class JetMoeMoE(nn.Module):
@@ -187,7 +196,7 @@ class JetMoeMoE(nn.Module):
         tokens = hidden_states.reshape(-1, self.input_size)
         decision = self.router(tokens)
         routing = decision.routing
-        gate_up = self.input_linear(tokens[routing.row_token], routing)
+        gate_up = self.input_linear(token_rows(tokens, routing), routing)
         gate, up = gate_up.chunk(2, dim=-1)
         rows_out = self.output_linear(self.activation(gate) * up, routing)
         output = _combine(rows_out, decision).to(hidden_states.dtype) + self.bias
@@ -221,15 +230,15 @@ class JetMoeMoA(nn.Module):
         tokens = hidden_states.reshape(-1, self.input_size)
         decision = self.router(tokens)
         routing = decision.routing
-        rows_out = self.input_linear(tokens[routing.row_token], routing)
-        queries = rows_out[routing.slot_row].view(batch, seq_len, self.top_k, self.hidden_size)
+        rows_out = self.input_linear(token_rows(tokens, routing), routing)
+        queries = rows_to_slots(rows_out, routing).view(batch, seq_len, self.top_k, self.hidden_size)
         return queries, decision
 
     def reduce(self, attn_output: torch.Tensor, decision: RouterDecision) -> torch.Tensor:
         """Each expert's output projection, gate-weighted: [b, t, k, kv_heads * kv_channels] -> [b, t, hidden]."""
         batch, seq_len = attn_output.shape[:2]
         slots = attn_output.reshape(-1, self.hidden_size)
-        rows_out = self.output_linear(slots[decision.routing.row_slot], decision.routing)
+        rows_out = self.output_linear(slot_rows(slots, decision.routing), decision.routing)
         output = _combine(rows_out, decision).to(attn_output.dtype) + self.bias
         return output.view(batch, seq_len, self.input_size)
 
