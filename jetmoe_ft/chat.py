@@ -25,7 +25,14 @@ def load_chat_model(model_dir: str):
 
 
 @torch.no_grad()
-def reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, temperature: float = 0.0) -> str:
+def reply(
+    model,
+    tokenizer,
+    messages: list[dict],
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    repetition_penalty=1.0,
+) -> str:
     """The assistant's answer to `messages`, greedy unless `temperature` > 0."""
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, return_dict=True, return_tensors="pt"
@@ -36,6 +43,7 @@ def reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 128, tem
         max_new_tokens=max_new_tokens,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        repetition_penalty=repetition_penalty,
         **sampling,
     )
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
@@ -49,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--system", help="An optional system message.")
     parser.add_argument("--max_new_tokens", type=int, default=128)
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 decodes greedily.")
+    parser.add_argument("--repetition_penalty", type=float, default=1.2, help="1.0 turns it off.")
     args = parser.parse_args(argv)
     try:
         model, tokenizer = load_chat_model(args.model)
@@ -60,7 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [args.prompt] if args.prompt is not None else _read_prompts()
     for prompt in prompts:
         history.append({"role": "user", "content": prompt})
-        answer = reply(model, tokenizer, history, args.max_new_tokens, args.temperature)
+        answer = reply(
+            model, tokenizer, history, args.max_new_tokens, args.temperature, args.repetition_penalty
+        )
         history.append({"role": "assistant", "content": answer})
         print(answer if args.prompt is not None else f"assistant> {answer}", flush=True)
     return 0
