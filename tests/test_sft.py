@@ -98,19 +98,11 @@ def test_chat_with_the_trained_model(trained, capsys):
     assert chat_main(["--model", str(output_dir / "missing")]) == 2
 
 
-def test_padding_free_batches(tmp_path):
+def test_padding_free_batches_with_gradient_checkpointing(tmp_path):
     metrics = _run(
         tmp_path,
-        "--max_steps",
-        "2",
-        "--packing",
-        "false",
-        "--padding_free",
-        "true",
-        "--max_length",
-        "None",
-        "--save_strategy",
-        "no",
+        *("--max_steps", "2", "--packing", "false", "--padding_free", "true", "--max_length", "None"),
+        *("--gradient_checkpointing", "true", "--save_strategy", "no"),
     )
     assert metrics["train_loss"] > 0
 
@@ -177,3 +169,25 @@ def test_two_cpu_processes(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Trained 3 steps" in result.stdout and "on 2 processes (cpu)" in result.stdout
+
+
+def test_plain_text_data(tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text(
+        "\n".join(json.dumps({"text": f"A short review number {i}, rather good."}) for i in range(40))
+    )
+    metrics = sft_main(
+        ["--config", RECIPE, "--output_dir", str(tmp_path / "out"), "--dataset_name", str(data)]
+        + [
+            "--assistant_only_loss",
+            "false",
+            "--test_split_size",
+            "0.2",
+            "--max_steps",
+            "2",
+            "--save_strategy",
+            "no",
+        ]
+        + QUICK
+    )
+    assert metrics["eval_after_loss"] < metrics["eval_before_loss"]
