@@ -2,7 +2,7 @@
 
 Run from the repository root (this is `make bench`):
 
-    .venv/bin/python bench/bench_model.py                   # every default case, ~16 min on 2 cores
+    .venv/bin/python bench/bench_model.py                   # every default case, ~17 min on 2 cores
     .venv/bin/python bench/bench_model.py --quick           # small config only, fewer steps
     .venv/bin/python bench/bench_model.py --cases 'train-small-*,decode-*'
 
