@@ -758,14 +758,21 @@ def training_contenders(cases: list[Case]) -> dict[tuple[str, str], Contender]:
     }
 
 
-def train_case_record(case: Case, contenders: dict, memory: MemoryCache, tokens: int) -> dict:
-    """The JSON record of one `train-*` case."""
-    ours, ref, dense = (contenders.get((impl, case.dtype)) for impl in IMPLEMENTATIONS)
-    record = {
+def training_case_header(case: Case) -> dict:
+    """The fields every training-step record starts with."""
+    return {
         "case": case.name,
         "config": case.size,
         "dtype": case.dtype,
         "batch": list(TRAIN_BATCH[case.size]),
+    }
+
+
+def train_case_record(case: Case, contenders: dict, memory: MemoryCache, tokens: int) -> dict:
+    """The JSON record of one `train-*` case."""
+    ours, ref, dense = (contenders.get((impl, case.dtype)) for impl in IMPLEMENTATIONS)
+    record = {
+        **training_case_header(case),
         **contender_fields("ours", ours, tokens),
         **contender_fields("ref", ref, tokens),
         **contender_fields("dense", dense, tokens),
@@ -788,10 +795,7 @@ def ckpt_case_record(case: Case, contenders: dict, memory: MemoryCache, tokens: 
     """The JSON record of one `ckpt-*` case: ours with gradient checkpointing against ours without."""
     plain, ckpt = contenders.get(("ours", case.dtype)), contenders.get(("ours-ckpt", case.dtype))
     record = {
-        "case": case.name,
-        "config": case.size,
-        "dtype": case.dtype,
-        "batch": list(TRAIN_BATCH[case.size]),
+        **training_case_header(case),
         **contender_fields("ours", plain, tokens),
         **contender_fields("ours_ckpt", ckpt, tokens),
     }
