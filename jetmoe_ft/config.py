@@ -63,6 +63,91 @@ class JetMoeArguments:
         return overrides
 
 
+LORA_TARGETS = ("moa_experts", "moe_experts", "kv_proj", "router", "lm_head", "embed_tokens", "score")
+"""Names `lora_targets:` accepts: adapter targets, and heads/embeddings trained whole (`modules_to_save`)."""
+FREEZE_ROUTER = ("none", "all", "moa", "moe")
+EXPERT_SCORES = ("gate", "token")
+
+
+class YamlValue:
+    """A field that takes any YAML value (a word, a list, a mapping); on the command line, YAML text."""
+
+    def __new__(cls, text: str) -> Any:
+        return yaml.safe_load(text)
+
+
+@dataclass
+class AdapterArguments:
+    """What to train: expert-aware LoRA targets, which experts, frozen routers (see `jetmoe_ft.adapt`)."""
+
+    lora_targets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA targets by name: " + ", ".join(LORA_TARGETS) + ". Setting it turns LoRA on."
+        },
+    )
+    lora_experts: YamlValue = field(
+        default="all",
+        metadata={
+            "help": "Experts that get LoRA: all, auto (picked from the data), a list of expert indices, "
+            "or a mapping layer -> list."
+        },
+    )
+    finetune_experts: YamlValue = field(
+        default=None,
+        metadata={
+            "help": "Full fine-tuning of only these experts (others get no update): auto, a list, "
+            "or a mapping layer -> list; null trains every expert."
+        },
+    )
+    expert_score: str = field(
+        default="gate",
+        metadata={
+            "help": "How `auto` scores experts: gate (average gate score) or token (selection ratio).",
+            "choices": EXPERT_SCORES,
+        },
+    )
+    expert_top_p: float = field(
+        default=0.5,
+        metadata={"help": "`auto` keeps, per router, the fewest experts whose score share reaches this."},
+    )
+    expert_selection_samples: int = field(
+        default=256, metadata={"help": "Training rows the base model reads to score experts for `auto`."}
+    )
+    freeze_router: str = field(
+        default="none",
+        metadata={"help": "Routers kept frozen: none, all, moa or moe.", "choices": FREEZE_ROUTER},
+    )
+
+    def __post_init__(self):
+        for name in self.lora_targets or []:
+            if name not in LORA_TARGETS:
+                raise RecipeError(
+                    f"lora_targets: unknown target `{name}`{_did_you_mean(name, LORA_TARGETS)}; "
+                    f"valid: {', '.join(LORA_TARGETS)}."
+                )
+        for key in ("lora_experts", "finetune_experts"):
+            _check_expert_choice(key, getattr(self, key))
+        if not 0 < self.expert_top_p <= 1:
+            raise RecipeError(f"expert_top_p: expected a number in (0, 1], got {self.expert_top_p}.")
+        if self.expert_selection_samples < 1:
+            raise RecipeError("expert_selection_samples: expected a positive integer.")
+
+
+def _check_expert_choice(key: str, value: Any) -> None:
+    """`all`, `auto`, a list of expert indices, or a mapping layer -> list of expert indices."""
+    if value is None or value in ("all", "auto"):
+        return
+    if isinstance(value, str):
+        raise RecipeError(f"{key}: expected all, auto, a list of experts or a mapping layer -> list, got {value!r}.")
+    lists = value.values() if isinstance(value, dict) else [value]
+    if isinstance(value, dict) and not all(isinstance(layer, int) and layer >= 0 for layer in value):
+        raise RecipeError(f"{key}: mapping keys are layer indices (0, 1, ...), got {list(value)}.")
+    for experts in lists:
+        if not isinstance(experts, list) or not all(isinstance(e, int) and e >= 0 for e in experts):
+            raise RecipeError(f"{key}: expected lists of expert indices (e.g. [0, 3]), got {experts!r}.")
+
+
 DATASET_ENTRY_KEYS = ("path", "name", "data_dir", "data_files", "split", "columns", "weight")
 
 
@@ -135,6 +220,9 @@ class Recipe:
     training: Any
     model: ModelConfig
     jetmoe: JetMoeArguments
+    adapters: AdapterArguments
+    task: Any = None
+    """The loop's own fields (a dataclass given to `parse_recipe` as `task_cls`), or None."""
     path: Path | None = None
     values: dict[str, Any] = field(default_factory=dict)
     """The recipe's values after the command-line overrides, as written to the output directory."""
@@ -148,10 +236,11 @@ class Recipe:
         return target
 
 
-def parse_recipe(training_cls: type, argv: list[str] | None = None) -> Recipe:
-    """Parse `--config RECIPE.yaml [--key value ...]` into a `Recipe` whose training fields are `training_cls`."""
+def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: type | None = None) -> Recipe:
+    """Parse `--config RECIPE.yaml [--key value ...]` into a `Recipe` whose training fields are `training_cls`
+    (and whose loop-specific fields, if any, are the dataclass `task_cls`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    dataclass_types = [DataArguments, training_cls, ModelConfig, JetMoeArguments]
+    dataclass_types = _dataclass_types(training_cls, task_cls)
     parser = TrlParser(dataclass_types)
     actions = {action.dest: action for action in parser._actions if action.dest != "help"}
     field_types = _field_types(dataclass_types)
@@ -177,7 +266,13 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None) -> Recipe:
     for key in override_keys:
         owner = next(group for group in parsed if hasattr(group, key))
         values[key] = _plain(getattr(owner, key))
-    return Recipe(*parsed, path=path, values=values)
+    data, training, model, jetmoe, adapters, *task = parsed
+    return Recipe(data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values)
+
+
+def _dataclass_types(training_cls: type, task_cls: type | None = None) -> list[type]:
+    types_ = [DataArguments, training_cls, ModelConfig, JetMoeArguments, AdapterArguments]
+    return types_ + [task_cls] if task_cls is not None else types_
 
 
 def read_recipe_file(path: Path) -> dict[str, Any]:
@@ -199,9 +294,9 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     return values
 
 
-def recipe_keys(training_cls: type) -> list[str]:
-    """Every key a recipe for `training_cls` accepts."""
-    return sorted(_field_types([DataArguments, training_cls, ModelConfig, JetMoeArguments]))
+def recipe_keys(training_cls: type, task_cls: type | None = None) -> list[str]:
+    """Every key a recipe for `training_cls` (and `task_cls`) accepts."""
+    return sorted(_field_types(_dataclass_types(training_cls, task_cls)))
 
 
 def _field_types(dataclass_types) -> dict[str, Any]:
@@ -240,6 +335,8 @@ def _plain(value: Any) -> Any:
 
 def _allows(annotation, kind: type) -> bool:
     """Whether a type annotation admits values of `kind` (dict, list, NoneType)."""
+    if annotation is YamlValue:
+        return True
     if annotation is kind or typing.get_origin(annotation) is kind:
         return True
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
