@@ -154,7 +154,9 @@ def build_tiny_model(seed: int = 0, cls: type = JetMoeForCausalLM, **config_over
     config = tiny_config(**config_overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return cls(config)
+        model = cls(config)
+    model.name_or_path = TINY_MODEL  # what PEFT writes as an adapter's base model
+    return model
 
 
 __all__ = [

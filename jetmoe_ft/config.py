@@ -114,10 +114,17 @@ class AdapterArguments:
     expert_selection_samples: int = field(
         default=256, metadata={"help": "Training rows the base model reads to score experts for `auto`."}
     )
-    freeze_router: str = field(
-        default="none",
-        metadata={"help": "Routers kept frozen: none, all, moa or moe.", "choices": FREEZE_ROUTER},
+    freeze_router: str | None = field(
+        default=None,
+        metadata={
+            "help": "Routers kept frozen: none, all, moa or moe (null: none for full fine-tuning, all with LoRA).",
+            "choices": FREEZE_ROUTER,
+        },
     )
+
+    def frozen_routers(self, use_lora: bool) -> str:
+        """`freeze_router` with its default resolved: routers train in full fine-tuning, stay frozen with LoRA."""
+        return self.freeze_router or ("all" if use_lora else "none")
 
     def __post_init__(self):
         for name in self.lora_targets or []:

@@ -3,11 +3,15 @@
 from pathlib import Path
 
 import torch
+import yaml
 from datasets import Dataset
+from peft import PeftConfig, PeftModel
+from safetensors import safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_tokenizer
 from .config import Recipe, RecipeError
+from .lora import register_expert_lora
 from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
 
 TINY_NAMES = (TINY_MODEL, "tiny")
@@ -85,11 +89,16 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
     overrides = {**recipe.jetmoe.model_config_overrides(), **config_kwargs}
     dtype = _torch_dtype(recipe.model.dtype)
     attn_implementation = recipe.model.attn_implementation
+    if attn_implementation:
+        overrides["attn_implementation"] = attn_implementation
+    if is_adapter_dir(path):
+        # An adapter (e.g. the output of a LoRA SFT run) starts the next run merged into its base.
+        model = load_trained_model(path, cls, merge=True, **overrides)
+        return model.to(dtype) if dtype is not None else model
     if path in TINY_NAMES:
-        if attn_implementation:
-            overrides["attn_implementation"] = attn_implementation
         model = build_tiny_model(recipe.jetmoe.model_seed, cls, **overrides)
         return model.to(dtype) if dtype is not None else model
+    overrides.pop("attn_implementation", None)
     try:
         config = JetMoeConfig.from_pretrained(path, revision=recipe.model.model_revision, **overrides)
     except OSError as error:
@@ -111,3 +120,55 @@ def _torch_dtype(name: str | None) -> torch.dtype | None:
     if name in (None, "auto"):
         return None
     return getattr(torch, name)
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    """Whether `path` is a PEFT adapter directory (has `adapter_config.json`)."""
+    return Path(path).expanduser().joinpath("adapter_config.json").is_file()
+
+
+def load_trained_model(
+    path: str | Path, cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM, merge: bool = False, **config_kwargs
+):
+    """A trained model directory: full weights, or a PEFT adapter on its base (our expert LoRA registered).
+
+    An adapter on `jetmoe-ft/tiny` rebuilds the tiny base from the `model_seed` of the run's `recipe.yaml`.
+    With `merge`, the adapter is merged and a plain JetMoE model returned.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise RecipeError(f"model: no such directory {path}.")
+    if not is_adapter_dir(path):
+        if not (path / "config.json").is_file():
+            raise RecipeError(f"model: {path} holds neither a model (config.json) nor an adapter (adapter_config.json).")
+        return cls.from_pretrained(path, **config_kwargs)
+    config = register_expert_lora(PeftConfig.from_pretrained(str(path)))
+    if cls.__name__.endswith("SequenceClassification") and not _adapter_has_head(path):
+        raise RecipeError(
+            f"model: the adapter in {path} has no classification head (`score`); train it with `score` in "
+            "`modules_to_save` (jetmoe-ft cls does this) or evaluate a full model directory."
+        )
+    base_name = config.base_model_name_or_path
+    if base_name in TINY_NAMES:
+        model = build_tiny_model(_recipe_seed(path), cls, **config_kwargs)
+    else:
+        model = cls.from_pretrained(base_name, **config_kwargs)
+    model = PeftModel.from_pretrained(model, str(path), config=config)
+    return model.merge_and_unload() if merge else model
+
+
+def _adapter_has_head(path: Path) -> bool:
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        return False
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(".score." in f".{key}" for key in handle.keys())
+
+
+def _recipe_seed(path: Path) -> int:
+    """`model_seed` of the run that wrote `path` (its `recipe.yaml`, or its parent's for a checkpoint)."""
+    for folder in (path, path.parent):
+        recipe = folder / "recipe.yaml"
+        if recipe.is_file():
+            return int((yaml.safe_load(recipe.read_text()) or {}).get("model_seed", 0))
+    return 0

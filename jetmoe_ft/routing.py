@@ -299,8 +299,15 @@ def _router_hook(hooks: RoutingHooks, layer: int, kind: str, training_only: bool
     return hook
 
 
-def plot_expert_load(load: torch.Tensor | np.ndarray, path: str | Path, title: str | None = None) -> Path:
-    """Heat-map of a [L, 2, E] expert load (share of tokens): MoA and MoE panels, layers x experts."""
+def plot_expert_load(
+    load: torch.Tensor | np.ndarray,
+    path: str | Path,
+    title: str | None = None,
+    marked: torch.Tensor | np.ndarray | None = None,
+) -> Path:
+    """Heat-map of a [L, 2, E] expert load (share of tokens): MoA and MoE panels, layers x experts.
+    Cells where the boolean [L, 2, E] `marked` is true get a red frame."""
+    from matplotlib.patches import Rectangle
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
     from matplotlib.ticker import PercentFormatter
 
@@ -313,6 +320,9 @@ def plot_expert_load(load: torch.Tensor | np.ndarray, path: str | Path, title: s
     for k, (ax, name) in enumerate(zip(axes, ("MoA (attention experts)", "MoE (MLP experts)"), strict=True)):
         image = ax.imshow(load[:, k], cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
         _annotate(ax, load[:, k], vmax)
+        if marked is not None:
+            for row, col in np.argwhere(np.asarray(marked)[:, k]):
+                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))

@@ -8,8 +8,9 @@ import sys
 
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss
-from trl import SFTConfig, SFTTrainer, get_peft_config
+from trl import SFTConfig, SFTTrainer
 
+from .adapt import adapt_model
 from .config import RecipeError, parse_recipe
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
 from .recipe_data import load_recipe_datasets
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     tokenizer = load_recipe_tokenizer(recipe)
     check_tokenizer(tokenizer, data["train"], args.max_length, args.pad_token)
     resume_from = resume_checkpoint(args)
-    model = load_recipe_model(recipe)
+    model = adapt_model(recipe, load_recipe_model(recipe), train_dataset=data["train"], tokenizer=tokenizer)
 
     trainer = JetMoeSFTTrainer(
         model=model,
@@ -91,7 +92,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         train_dataset=data["train"],
         eval_dataset=data.get("test"),
         processing_class=tokenizer,
-        peft_config=get_peft_config(recipe.model),
     )
     add_routing_health(trainer)
     before = evaluate(trainer, "before") if resume_from is None else {}
