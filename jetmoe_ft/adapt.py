@@ -23,7 +23,9 @@ from .routing import KINDS
 from .selection import ExpertSelection, experts_per_router, sample_texts, select_experts
 
 DEFAULT_LORA_TARGETS = ("moa_experts", "moe_experts", "kv_proj")
-_EXPERTS_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.(self_attention\.experts|mlp)\.(input_linear|output_linear)$")
+_EXPERTS_NAME = re.compile(
+    r"(?:^|\.)layers\.(\d+)\.(self_attention\.experts|mlp)\.(input_linear|output_linear)$"
+)
 _KIND = {"self_attention.experts": "moa", "mlp": "moe"}
 ROUTER_LOSS_WHEN_FROZEN = (
     "Frozen routers ({which}): the router loss no longer trains them; it still reaches the trainable "
@@ -47,17 +49,23 @@ def adapt_model(
     selection = None
     if "auto" in (adapters.lora_experts, adapters.finetune_experts):
         if train_dataset is None or tokenizer is None:
-            raise RecipeError("lora_experts / finetune_experts `auto` needs the training data to score experts.")
+            raise RecipeError(
+                "lora_experts / finetune_experts `auto` needs the training data to score experts."
+            )
         texts = sample_texts(train_dataset, tokenizer, adapters.expert_selection_samples, seed=training.seed)
         max_length = getattr(training, "max_length", None) or 512
-        selection = select_experts(model, texts, tokenizer, adapters.expert_score, adapters.expert_top_p, max_length)
+        selection = select_experts(
+            model, texts, tokenizer, adapters.expert_score, adapters.expert_top_p, max_length
+        )
         if _is_main_process(training):
             selection.save(training.output_dir)
         print(_selection_summary(selection))
 
     num_layers, num_experts = model.config.num_hidden_layers, model.config.num_local_experts
     if use_lora:
-        experts = experts_per_router(adapters.lora_experts, num_layers, num_experts, selection, "lora_experts")
+        experts = experts_per_router(
+            adapters.lora_experts, num_layers, num_experts, selection, "lora_experts"
+        )
         model = apply_expert_lora(model, recipe, experts, task_type, frozen)
     else:
         if adapters.finetune_experts is not None:
@@ -80,9 +88,13 @@ def _check_choices(recipe: Recipe, use_lora: bool) -> None:
     """Contradictions between fields, caught before any model work."""
     adapters = recipe.adapters
     if use_lora and adapters.finetune_experts is not None:
-        raise RecipeError("finetune_experts: full fine-tuning of chosen experts cannot be combined with LoRA.")
+        raise RecipeError(
+            "finetune_experts: full fine-tuning of chosen experts cannot be combined with LoRA."
+        )
     if not use_lora and adapters.lora_experts not in ("all", None):
-        raise RecipeError("lora_experts: set `lora_targets:` (e.g. [moe_experts]) to train LoRA on chosen experts.")
+        raise RecipeError(
+            "lora_experts: set `lora_targets:` (e.g. [moe_experts]) to train LoRA on chosen experts."
+        )
     if adapters.finetune_experts is not None and recipe.training.weight_decay > 0:
         raise RecipeError(
             "finetune_experts: set `weight_decay: 0`; decoupled weight decay would move the experts kept frozen."
@@ -101,13 +113,20 @@ def lora_config_for(
     are neither frozen nor adapted train whole (`modules_to_save`)."""
     model_args, adapters = recipe.model, recipe.adapters
     names = list(adapters.lora_targets or ())
-    if not names and not model_args.lora_target_modules:
+    raw_targets = model_args.lora_target_modules or []
+    raw_targets = [raw_targets] if isinstance(raw_targets, str) else list(raw_targets)  # TRL unpacks one name
+    if "all-linear" in raw_targets:
+        raise RecipeError(
+            "lora_target_modules: `all-linear` reaches only kv_proj and the routers of JetMoE, not its experts; "
+            "use `lora_targets: [moa_experts, moe_experts, kv_proj]`."
+        )
+    if not names and not raw_targets:
         names = list(DEFAULT_LORA_TARGETS)
     if "router" in names:
         print("lora_targets: `router` adapts the routers; routing can drift from what the experts learned.")
-    targets = sorted(
-        name for name in _module_names(model) if _is_target(name, names, experts)
-    ) + list(model_args.lora_target_modules or [])
+    targets = sorted(name for name in _module_names(model) if _is_target(name, names, experts)) + list(
+        model_args.lora_target_modules or []
+    )
     modules_to_save = [WHOLE_MODULES[name] for name in names if name in WHOLE_MODULES]
     modules_to_save += list(model_args.lora_modules_to_save or [])
     if "router" not in names:
@@ -115,19 +134,30 @@ def lora_config_for(
         modules_to_save += [name for name in frozen_router_names(model, "all") if name not in frozen_names]
     if task_type == "SEQ_CLS" and "score" not in modules_to_save:
         modules_to_save.append("score")  # a classification head is new: train it whole and save it
-    _check_raw_targets(model, model_args.lora_target_modules or [])
+    _check_raw_targets(model, raw_targets)
     if not targets:
         raise RecipeError("lora_targets / lora_experts: no module left to adapt; choose at least one expert.")
     base = get_peft_config(model_args) if model_args.use_peft else None
     kwargs = {}
     if base is not None:
         kwargs = {
-            key: getattr(base, key) for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias")
+            key: getattr(base, key)
+            for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias")
         }
     else:
-        kwargs = {"r": model_args.lora_r, "lora_alpha": model_args.lora_alpha, "lora_dropout": model_args.lora_dropout}
+        kwargs = {
+            "r": model_args.lora_r,
+            "lora_alpha": model_args.lora_alpha,
+            "lora_dropout": model_args.lora_dropout,
+        }
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
     config = LoraConfig(
-        task_type=task_type, target_modules=targets, modules_to_save=modules_to_save or None, **kwargs
+        task_type=task_type,
+        target_modules=targets,
+        modules_to_save=modules_to_save or None,
+        # a trained tied head stays tied to the input embeddings (one copy, saved once)
+        ensure_weight_tying=tied and bool({"lm_head", "embed_tokens"} & set(modules_to_save)),
+        **kwargs,
     )
     return register_expert_lora(config)
 
@@ -245,8 +275,10 @@ def _trained_fractions(model: nn.Module) -> dict[str, float]:
 
 
 def _selection_summary(selection: ExpertSelection) -> str:
-    counts = {kind: [len(selection.experts[(layer, kind)]) for layer in range(selection.shares.shape[0])]
-              for kind in KINDS}
+    counts = {
+        kind: [len(selection.experts[(layer, kind)]) for layer in range(selection.shares.shape[0])]
+        for kind in KINDS
+    }
     return (
         f"Experts picked from {selection.tokens:,} tokens ({selection.score} score, top_p {selection.top_p}): "
         + "; ".join(f"{kind.upper()} per layer {counts[kind]}" for kind in KINDS)

@@ -7,14 +7,14 @@ import torch
 from transformers import AutoTokenizer
 
 from .config import RecipeError
-from .modeling import JetMoeForCausalLM
+from .loading import load_trained_model
 
 
 def load_chat_model(model_dir: str):
-    """Model and tokenizer saved by a training run, ready to generate."""
+    """Model and tokenizer saved by a training run (full weights or a LoRA adapter), ready to generate."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = JetMoeForCausalLM.from_pretrained(model_dir).eval()
+        model = load_trained_model(model_dir, merge=True).eval()
     except OSError as error:
         raise RecipeError(
             f"--model: cannot load a model from {model_dir} ({str(error).splitlines()[0]})."

@@ -82,9 +82,7 @@ class AdapterArguments:
 
     lora_targets: list[str] | None = field(
         default=None,
-        metadata={
-            "help": "LoRA targets by name: " + ", ".join(LORA_TARGETS) + ". Setting it turns LoRA on."
-        },
+        metadata={"help": "LoRA targets by name: " + ", ".join(LORA_TARGETS) + ". Setting it turns LoRA on."},
     )
     lora_experts: YamlValue = field(
         default="all",
@@ -146,7 +144,9 @@ def _check_expert_choice(key: str, value: Any) -> None:
     if value is None or value in ("all", "auto"):
         return
     if isinstance(value, str):
-        raise RecipeError(f"{key}: expected all, auto, a list of experts or a mapping layer -> list, got {value!r}.")
+        raise RecipeError(
+            f"{key}: expected all, auto, a list of experts or a mapping layer -> list, got {value!r}."
+        )
     lists = value.values() if isinstance(value, dict) else [value]
     if isinstance(value, dict) and not all(isinstance(layer, int) and layer >= 0 for layer in value):
         raise RecipeError(f"{key}: mapping keys are layer indices (0, 1, ...), got {list(value)}.")
@@ -274,7 +274,9 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         owner = next(group for group in parsed if hasattr(group, key))
         values[key] = _plain(getattr(owner, key))
     data, training, model, jetmoe, adapters, *task = parsed
-    return Recipe(data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values)
+    return Recipe(
+        data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values
+    )
 
 
 def _dataclass_types(training_cls: type, task_cls: type | None = None) -> list[type]:

@@ -128,7 +128,10 @@ def is_adapter_dir(path: str | Path) -> bool:
 
 
 def load_trained_model(
-    path: str | Path, cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM, merge: bool = False, **config_kwargs
+    path: str | Path,
+    cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM,
+    merge: bool = False,
+    **config_kwargs,
 ):
     """A trained model directory: full weights, or a PEFT adapter on its base (our expert LoRA registered).
 
@@ -140,7 +143,9 @@ def load_trained_model(
         raise RecipeError(f"model: no such directory {path}.")
     if not is_adapter_dir(path):
         if not (path / "config.json").is_file():
-            raise RecipeError(f"model: {path} holds neither a model (config.json) nor an adapter (adapter_config.json).")
+            raise RecipeError(
+                f"model: {path} holds neither a model (config.json) nor an adapter (adapter_config.json)."
+            )
         return cls.from_pretrained(path, **config_kwargs)
     config = register_expert_lora(PeftConfig.from_pretrained(str(path)))
     if cls.__name__.endswith("SequenceClassification") and not _adapter_has_head(path):

@@ -56,8 +56,15 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
     adapter_layer_names = ("lora_A", "lora_B")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "lora_expert_mask")
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, config: LoraConfig, r: int = 0,
-                 lora_alpha: int = 1, **kwargs: Any):
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: LoraConfig,
+        r: int = 0,
+        lora_alpha: int = 1,
+        **kwargs: Any,
+    ):
         super().__init__()
         LoraLayer.__init__(self, base_layer)
         for option in ("use_dora", "lora_bias", "fan_in_fan_out"):
@@ -72,7 +79,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         self.num_experts = experts.num_experts
         return experts.input_size, experts.output_size
 
-    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any) -> None:
+    def update_layer(
+        self, adapter_name: str, r: int, lora_alpha: int, config: LoraConfig, **kwargs: Any
+    ) -> None:
         if r <= 0:
             raise ValueError(f"`r` should be a positive integer value but the value passed is {r}")
         self.r[adapter_name] = r
@@ -101,7 +110,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             for expert in range(self.num_experts):
                 nn.init.kaiming_uniform_(weight_a.data[expert], a=math.sqrt(5))
         else:
-            raise ValueError(f"Expert LoRA supports init_lora_weights true, false or gaussian, not {init_lora_weights!r}.")
+            raise ValueError(
+                f"Expert LoRA supports init_lora_weights true, false or gaussian, not {init_lora_weights!r}."
+            )
         nn.init.zeros_(self.lora_B[adapter_name].weight)
 
     def set_trained_experts(self, experts: list[int] | None, adapter_name: str = "default") -> None:
@@ -137,7 +148,9 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
                 continue
             merged = base.weight.data + self.get_delta_weight(adapter).to(base.weight.dtype)
             if safe_merge and not torch.isfinite(merged).all():
-                raise ValueError(f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken")
+                raise ValueError(
+                    f"NaNs detected in the merged weights. The adapter {adapter} seems to be broken"
+                )
             base.weight.data = merged
             self.merged_adapters.append(adapter)
 

@@ -22,18 +22,22 @@ TASK_COLUMNS = {
     "sft": ({"messages"}, {"text"}, {"prompt", "completion"}),
     "dpo": ({"chosen", "rejected"},),
     "cls": ({"text", "label"},),
+    "rm": ({"chosen", "rejected"},),
 }
 TASK_HINTS = {
     "sft": "`messages` (conversations), `text` (plain text), or `prompt` + `completion`",
     "dpo": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
     "cls": "`text` + `label`",
+    "rm": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
 }
 
 
 def load_recipe_datasets(
-    args: DataArguments, task: str, seed: int = 0, text_field: str = "text"
+    args: DataArguments, task: str, seed: int = 0, text_field: str = "text", label_field: str = "label"
 ) -> DatasetDict:
-    """`train` (and `test` when there is held-out data) for a recipe's data fields, checked for `task`."""
+    """`train` (and `test` when there is held-out data) for a recipe's data fields, checked for `task`.
+
+    `text_field` / `label_field` name the text and label columns (sft: text; cls: both)."""
     if args.datasets:
         splits = _load_mixture(args, seed)
     else:
@@ -47,23 +51,21 @@ def load_recipe_datasets(
             raise RecipeError(
                 f"The {split} split of the recipe's data is empty: check `dataset_name`/`datasets`."
             )
-        check_columns(dataset, task, f"{_describe_source(args)} ({split})", text_field)
+        check_columns(dataset, task, f"{_describe_source(args)} ({split})", text_field, label_field)
     return splits
 
 
-def check_columns(dataset: Dataset, task: str, where: str, text_field: str = "text") -> None:
+def check_columns(
+    dataset: Dataset, task: str, where: str, text_field: str = "text", label_field: str = "label"
+) -> None:
     """Fail with the columns the data has when it lacks those that `task` needs."""
     columns = set(dataset.column_names)
-    alternatives = [
-        {text_field if column == "text" and task == "sft" else column for column in option}
-        for option in TASK_COLUMNS[task]
-    ]
+    renamed = {"text": text_field, "label": label_field} if task in ("sft", "cls") else {}
+    alternatives = [{renamed.get(column, column) for column in option} for option in TASK_COLUMNS[task]]
     if not any(option <= columns for option in alternatives):
-        hint = (
-            TASK_HINTS[task]
-            if text_field == "text"
-            else TASK_HINTS[task].replace("`text`", f"`{text_field}`")
-        )
+        hint = TASK_HINTS[task]
+        for column, name in renamed.items():
+            hint = hint.replace(f"`{column}`", f"`{name}`")
         raise RecipeError(
             f"{where}: {task} needs {hint}; the data has {', '.join(sorted(columns)) or 'no columns'}. "
             "Rename columns in the data, or pick them with `columns:` in a `datasets:` entry."

@@ -307,8 +307,8 @@ def plot_expert_load(
 ) -> Path:
     """Heat-map of a [L, 2, E] expert load (share of tokens): MoA and MoE panels, layers x experts.
     Cells where the boolean [L, 2, E] `marked` is true get a red frame."""
-    from matplotlib.patches import Rectangle
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
+    from matplotlib.patches import Rectangle
     from matplotlib.ticker import PercentFormatter
 
     load = np.asarray(load.detach().cpu() if isinstance(load, torch.Tensor) else load, dtype=float)
@@ -322,7 +322,9 @@ def plot_expert_load(
         _annotate(ax, load[:, k], vmax)
         if marked is not None:
             for row, col in np.argwhere(np.asarray(marked)[:, k]):
-                ax.add_patch(Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
+                ax.add_patch(
+                    Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+                )
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))

@@ -61,7 +61,9 @@ class ExpertSelection:
             f"Expert selection: {'average gate score' if self.score == 'gate' else 'token-selection ratio'} "
             f"share, top_p {self.top_p} (chosen experts framed)"
         )
-        png_path = plot_expert_load(self.shares, output_dir / "expert_selection.png", title=title, marked=chosen)
+        png_path = plot_expert_load(
+            self.shares, output_dir / "expert_selection.png", title=title, marked=chosen
+        )
         return json_path, png_path
 
 
@@ -151,12 +153,14 @@ def experts_per_router(
     per_layer = choice if isinstance(choice, dict) else dict.fromkeys(range(num_layers), choice)
     for layer, experts in per_layer.items():
         if layer >= num_layers:
-            raise RecipeError(f"{field}: layer {layer} does not exist (the model has layers 0..{num_layers - 1}).")
+            raise RecipeError(
+                f"{field}: layer {layer} does not exist (the model has layers 0..{num_layers - 1})."
+            )
         bad = [e for e in experts if e >= num_experts]
         if bad:
-            raise RecipeError(f"{field}: expert {bad[0]} does not exist (the model has experts 0..{num_experts - 1}).")
+            raise RecipeError(
+                f"{field}: expert {bad[0]} does not exist (the model has experts 0..{num_experts - 1})."
+            )
     return {
-        (layer, kind): sorted(set(per_layer.get(layer, [])))
-        for layer in range(num_layers)
-        for kind in KINDS
+        (layer, kind): sorted(set(per_layer.get(layer, []))) for layer in range(num_layers) for kind in KINDS
     }

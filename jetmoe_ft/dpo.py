@@ -1,0 +1,420 @@
+"""Preference alignment of JetMoE (DPO and TRL's other pairwise losses) from a YAML recipe with TRL's `DPOTrainer`.
+
+jetmoe-ft dpo --config recipes/tiny/dpo.yaml [--key value ...]
+accelerate launch -m jetmoe_ft.dpo --config recipes/tiny/dpo.yaml
+
+The reference policy is the starting model, held in one of three ways:
+- LoRA (`lora_targets:` or `use_peft: true`): the same weights with the adapter disabled; no second copy.
+- full weights: a frozen copy made once from the loaded model, or none at all with
+  `precompute_ref_log_probs: true` (reference log-probabilities computed before training).
+A start from an SFT adapter directory is merged into its base on load (`jetmoe_ft.loading`), so the
+reference is the SFT model and a new DPO adapter, if any, is stacked on the merged weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import resource
+import sys
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+from datasets import Dataset, DatasetDict
+from peft import PeftModel
+from trl import DPOConfig, DPOTrainer
+from trl.data_utils import extract_prompt
+from trl.trainer.utils import FusedCausalLMOutput
+
+from .adapt import adapt_model
+from .config import Recipe, RecipeError, parse_recipe
+from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
+from .modeling.modeling_jetmoe import _router_loss_for
+from .recipe_data import load_recipe_datasets
+from .routing import add_routing_health
+from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+class JetMoeDPOTrainer(DPOTrainer):
+    """`DPOTrainer` whose policy loss carries the JetMoE router loss, with a LoRA reference that is the
+    base model with the adapter disabled.
+
+    TRL's fused LM head adds Mixtral's load-balancing loss, not the one JetMoE was trained with (switch +
+    z-loss over every MoA and MoE router); `jetmoe_lm_head` makes `aux_loss` JetMoE's, from the policy's
+    own router logits. The reference forward never asks for router logits, so it adds nothing. As in SFT,
+    the router loss is part of the training loss only: the evaluation loss is the preference loss alone.
+    """
+
+    def __init__(self, model, *args, **kwargs):
+        trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+        super().__init__(model, *args, **kwargs)
+        self.router_loss_enabled = self.aux_loss_enabled
+        self._metric_key_prefix = "eval"
+        causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        jetmoe_lm_head(causal_lm, with_log_sum_sq_probs=self.use_weighting)
+        if self.ref_model is not None:
+            jetmoe_lm_head(self.accelerator.unwrap_model(self.ref_model))
+        if isinstance(self.model, PeftModel):
+            self._reference_is_base_model(trainable)
+
+    def _reference_is_base_model(self, trainable: dict[str, bool]) -> None:
+        """Drop the `ref` adapter TRL copies from a model handed over already wrapped by PEFT.
+
+        `adapt_model` returns a fresh adapter (LoRA B = 0; routers and heads trained whole start as the
+        base's), so the base with adapters disabled is exactly the starting policy, without a second copy
+        of the adapter and of the modules it trains whole. Adding the copy also re-marked which parameters
+        train: the choices of `adapt_model` (`trainable`, by name) are restored.
+        """
+        if "ref" not in self.model.peft_config:
+            return
+        self.model.delete_adapter("ref")
+        for name, parameter in self.model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, False))
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # TRL adds the router loss whenever it is enabled; only training steps should carry it.
+        self.aux_loss_enabled = self.router_loss_enabled and self.model.training
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        self._metric_key_prefix = metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            self._metric_key_prefix = "eval"
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # TRL names its evaluation metrics `eval_*` whatever the prefix: give them `evaluate`'s.
+        metrics = self._metrics["eval"]
+        if not self.model.training and self._metric_key_prefix != "eval" and metrics:
+            prefix = self._metric_key_prefix
+            logs.update({f"{prefix}_{key}": sum(values) / len(values) for key, values in metrics.items()})
+            metrics.clear()
+        super().log(logs, start_time)
+
+
+def jetmoe_lm_head(causal_lm: torch.nn.Module, with_log_sum_sq_probs: bool = False) -> None:
+    """Wrap the forward that TRL's fused LM head installed on `causal_lm` (TRL calls it with `fused_lm_head=True`).
+
+    - `aux_loss` is the JetMoE router loss when router logits are asked for (the policy's training forward).
+    - On CPU the log-probabilities come from the full logits: TRL's chunked kernel has no fast CPU path
+      (measured: about twice the time of a DPO step).
+    - A forward without gradients in training mode is a reference pass (PEFT: adapter disabled); it runs in
+      evaluation mode, like a separate reference model, so the routing statistics (which count training-mode
+      router calls) describe the policy alone.
+    """
+    fused_forward = causal_lm.forward
+    backbone = causal_lm.base_model
+
+    @functools.wraps(fused_forward)
+    def forward(*args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, **kwargs)
+        if causal_lm.training and not torch.is_grad_enabled():
+            with _evaluation_mode(causal_lm):
+                return forward(*args, fused_lm_head=True, **kwargs)
+        if causal_lm.lm_head.weight.device.type == "cpu":
+            return _head_from_logits(causal_lm, *args, with_log_sum_sq_probs=with_log_sum_sq_probs, **kwargs)
+        if not kwargs.get("output_router_logits"):
+            return fused_forward(*args, fused_lm_head=True, **kwargs)
+        router_logits = []
+        handle = backbone.register_forward_hook(
+            lambda module, _, output: router_logits.append(output.router_logits)
+        )
+        try:
+            outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
+        finally:
+            handle.remove()
+        outputs.aux_loss = _router_loss_for(causal_lm.config, router_logits[-1], kwargs.get("attention_mask"))
+        return outputs
+
+    causal_lm.forward = forward
+
+
+def _head_from_logits(
+    causal_lm, *args, labels: torch.Tensor, with_log_sum_sq_probs: bool = False, **kwargs
+) -> FusedCausalLMOutput:
+    """What TRL's fused LM head returns, from the model's own forward (logits and JetMoE `aux_loss`)."""
+    kwargs.setdefault("output_router_logits", False)
+    outputs = type(causal_lm).forward(causal_lm, *args, **kwargs)
+    logits, targets = outputs.logits[:, :-1].float(), labels[:, 1:]
+    mask = targets != -100
+    log_softmax = logits.log_softmax(-1)
+    log_probs = log_softmax.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
+    with torch.no_grad():
+        entropy = -(log_softmax.exp() * log_softmax).sum(-1).masked_fill(~mask, 0.0)
+        mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
+        is_top1 = (logits.argmax(-1) == targets) & mask
+        log_sum_sq_probs = None
+        if with_log_sum_sq_probs:
+            log_sum_sq_probs = torch.logsumexp(2 * log_softmax, dim=-1).masked_fill(~mask, 0.0)
+    return FusedCausalLMOutput(
+        loss=-log_probs.sum() / mask.sum().clamp(min=1),
+        log_probs=log_probs,
+        entropy=entropy,
+        log_sum_sq_probs=log_sum_sq_probs,
+        mean_logits=mean_logits,
+        is_top1=is_top1,
+        label_mask=mask,
+        aux_loss=outputs.aux_loss,
+    )
+
+
+@contextmanager
+def _evaluation_mode(module: torch.nn.Module):
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# Preference data
+
+
+def check_preferences(data: DatasetDict, tokenizer, args: DPOConfig) -> DatasetDict:
+    """Each split in TRL's preference format, with pairs DPO cannot learn from dropped (and counted).
+
+    Columns: `chosen` + `rejected`, with `prompt` or implicit in the conversations (extracted here, as TRL
+    would); all three text, or all three conversations. Dropped with a warning: pairs with an empty answer,
+    pairs whose answers are equal, and (with `truncation_mode: keep_start`) prompts of `max_length` tokens or
+    more, which TRL would drop silently. A split with nothing left is a `RecipeError`.
+    """
+    return DatasetDict(
+        {split: _clean_split(dataset, split, tokenizer, args) for split, dataset in data.items()}
+    )
+
+
+def _clean_split(dataset: Dataset, split: str, tokenizer, args: DPOConfig) -> Dataset:
+    conversational = _check_formats(dataset, split)
+    if "prompt" not in dataset.column_names:
+        dataset = dataset.map(
+            extract_prompt, num_proc=args.dataset_num_proc, desc=f"Extracting {split} prompts"
+        )
+    problems = [
+        _pair_problem(row["chosen"], row["rejected"])
+        for row in dataset.select_columns(["chosen", "rejected"])
+    ]
+    if args.max_length is not None and args.truncation_mode == "keep_start":
+        lengths = _prompt_lengths(dataset, tokenizer, conversational, args.dataset_num_proc)
+        problems = [
+            problem or (f"a prompt of {args.max_length}+ tokens" if length >= args.max_length else None)
+            for problem, length in zip(problems, lengths, strict=True)
+        ]
+    counts = Counter(problem for problem in problems if problem)
+    if not counts:
+        return dataset
+    if sum(counts.values()) == len(dataset):
+        raise RecipeError(
+            f"{_problem_field(counts)}: every {split} pair has {_describe(counts)}; {_fix(counts)}."
+        )
+    warnings.warn(
+        f"Dropped {sum(counts.values())} of {len(dataset)} {split} pairs: {_describe(counts)}.", stacklevel=2
+    )
+    return dataset.select([index for index, problem in enumerate(problems) if problem is None])
+
+
+def _check_formats(dataset: Dataset, split: str) -> bool:
+    """Whether the pairs are conversations; mixed text / conversation columns are a `RecipeError`."""
+    first = dataset[0]
+    kinds = {column: isinstance(first[column], list) for column in PAIR_COLUMNS if column in first}
+    if len(set(kinds.values())) > 1:
+        texts = [column for column, is_chat in kinds.items() if not is_chat]
+        chats = [column for column, is_chat in kinds.items() if is_chat]
+        hint = (
+            " (the prompt is already in the conversations: keep only them with `columns: [chosen, rejected]`)"
+            if texts == ["prompt"]
+            else ""
+        )
+        raise RecipeError(
+            f"{', '.join(texts)}: text, but {', '.join(chats)} {'is' if len(chats) == 1 else 'are'} conversations "
+            f"in the {split} split; use one format for prompt, chosen and rejected{hint}."
+        )
+    return kinds["chosen"]
+
+
+def _pair_problem(chosen, rejected) -> str | None:
+    if _is_empty(chosen) or _is_empty(rejected):
+        return "an empty chosen or rejected answer"
+    if chosen == rejected:
+        return "chosen == rejected"
+    return None
+
+
+def _is_empty(answer) -> bool:
+    if isinstance(answer, str):
+        return not answer.strip()
+    return not answer or all(not str(message.get("content") or "").strip() for message in answer)
+
+
+def _prompt_lengths(dataset: Dataset, tokenizer, conversational: bool, num_proc: int | None) -> list[int]:
+    """Prompt tokens as TRL counts them: the chat template with the generation prompt, or the plain text."""
+
+    def lengths(batch):
+        if conversational:
+            encoded = tokenizer.apply_chat_template(
+                batch["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+            )
+        else:
+            encoded = tokenizer(batch["prompt"])
+        return {"prompt_length": [len(ids) for ids in encoded["input_ids"]]}
+
+    measured = dataset.select_columns(["prompt"]).map(
+        lengths, batched=True, num_proc=num_proc, desc="Measuring prompts"
+    )
+    return measured["prompt_length"]
+
+
+def _describe(counts: Counter) -> str:
+    return ", ".join(f"{count} with {problem}" for problem, count in counts.most_common())
+
+
+def _problem_field(counts: Counter) -> str:
+    return "max_length" if any("prompt" in problem for problem in counts) else "chosen/rejected"
+
+
+def _fix(counts: Counter) -> str:
+    if any("prompt" in problem for problem in counts):
+        return "raise `max_length` or shorten the prompts"
+    return "check that `chosen` and `rejected` hold different, non-empty answers"
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def uses_lora(recipe: Recipe) -> bool:
+    """Whether `adapt_model` will wrap the model in a LoRA adapter."""
+    return bool(recipe.adapters.lora_targets) or recipe.model.use_peft
+
+
+def reference_model(recipe: Recipe, model: torch.nn.Module) -> torch.nn.Module | None:
+    """A frozen copy of the starting model for full-weight DPO; None when TRL needs none (LoRA: adapter
+    disabled; `precompute_ref_log_probs`). Without it, TRL would reload the reference from the model's
+    load path, which an in-memory JetMoE does not have."""
+    if uses_lora(recipe) or recipe.training.precompute_ref_log_probs:
+        return None
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+def reference_kind(trainer: DPOTrainer) -> str:
+    """How the trainer gets reference log-probabilities, in words."""
+    if trainer.precompute_ref_logps:
+        return "precomputed"
+    if trainer.ref_model is None:
+        return "adapter disabled"
+    return "frozen copy"
+
+
+def weights_mb(*models: torch.nn.Module | None) -> float:
+    """Memory held by the parameters and buffers of `models`, each storage counted once, in MiB."""
+    seen, total = set(), 0
+    for model in models:
+        if model is None:
+            continue
+        for tensor in [*model.parameters(), *model.buffers()]:
+            key = tensor.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += tensor.untyped_storage().nbytes()
+    return total / 2**20
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: GPU memory allocated on CUDA, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run one DPO recipe; returns the final metrics."""
+    prepare_processes()
+    recipe = parse_recipe(DPOConfig, argv)
+    args = recipe.training
+    if recipe.jetmoe.aux_loss_coef is not None and args.router_aux_loss_coef is not None:
+        raise RecipeError(
+            "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
+        )
+
+    data = load_recipe_datasets(recipe.data, "dpo", seed=args.seed)
+    tokenizer = load_recipe_tokenizer(recipe)
+    check_tokenizer(tokenizer, data["train"], args.max_length, args.pad_token)
+    data = check_preferences(data, tokenizer, args)
+    resume_from = resume_checkpoint(args)
+    model = load_recipe_model(recipe)
+    reference = reference_model(recipe, model)
+    model = adapt_model(recipe, model, train_dataset=data["train"], tokenizer=tokenizer)
+
+    trainer = make_trainer(model, reference, args, data, tokenizer)
+    add_routing_health(trainer)
+    before = evaluate(trainer, "before") if resume_from is None else {}
+    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+    after = evaluate(trainer, "after")
+    metrics = {
+        **train_metrics,
+        **before,
+        **after,
+        "reference": reference_kind(trainer),
+        "memory/weights_mb": weights_mb(trainer.model, trainer.ref_model),
+        "memory/peak_mb": peak_memory_mb(),
+    }
+    finish_run(trainer, recipe, tokenizer, metrics, headline(trainer, metrics, before, after))
+    return metrics
+
+
+def make_trainer(model, reference, args: DPOConfig, data: DatasetDict, tokenizer) -> JetMoeDPOTrainer:
+    """The trainer for a recipe's adapted model, its reference (or None) and checked data."""
+    return JetMoeDPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=args,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test"),
+        processing_class=tokenizer,
+    )
+
+
+def headline(trainer, metrics: dict, before: dict, after: dict) -> list[str]:
+    """What to print at the end: steps and time, held-out reward accuracy and margin before -> after."""
+    processes = trainer.accelerator.num_processes
+    lines = [
+        f"Trained {trainer.state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s on {processes} "
+        f"process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type}); reference: "
+        f"{metrics['reference']}; weights held {metrics['memory/weights_mb']:.0f} MiB, peak {metrics['memory/peak_mb']:.0f} MiB."
+    ]
+    if after:
+        accuracy, margin = "rewards/accuracies", "rewards/margins"
+        start = f"{before[f'eval_before_{accuracy}']:.3f} before -> " if before else ""
+        start_margin = f"{before[f'eval_before_{margin}']:.3f} before -> " if before else ""
+        lines.append(
+            f"Held-out reward accuracy (chosen reward > rejected; ties count as wrong, and before training every "
+            f"reward is 0): {start}{after[f'eval_after_{accuracy}']:.3f} after; mean margin {start_margin}"
+            f"{after[f'eval_after_{margin}']:.3f} after."
+        )
+    return lines
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """`python -m jetmoe_ft.dpo`: user mistakes are one line on stderr, not a traceback."""
+    try:
+        main(argv)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
