@@ -184,32 +184,44 @@ def with_intervals(point: dict[str, float], intervals: dict[str, list[float]]) -
 # model, data and predictions
 
 
-def load_head(path: str | Path, tokenizer_name: str | None = None):
-    """A trained `JetMoeForSequenceClassification` (full directory or LoRA adapter) and its tokenizer."""
+def head_config(path: str | Path) -> JetMoeConfig:
+    """The head's config (num_labels, id2label) of a trained directory, read before any weights load.
+
+    For an adapter it is the `config.json` that `jetmoe-ft cls` writes beside it.
+    """
     path = Path(path).expanduser()
+    if not path.is_dir():
+        raise RecipeError(f"--model: no such directory {path}.")
+    if (path / "config.json").is_file():
+        return JetMoeConfig.from_pretrained(path)
+    if is_adapter_dir(path):
+        if not _adapter_has_head(path):
+            load_trained_model(
+                path, JetMoeForSequenceClassification
+            )  # raises its "no classification head" error
+        raise RecipeError(
+            f"--model: the adapter in {path} has no config.json giving its classes (num_labels, id2label); "
+            "copy its base model's config.json there with the head's num_labels / id2label."
+        )
+    raise RecipeError(
+        f"--model: {path} holds neither a model (config.json) nor an adapter (adapter_config.json)."
+    )
+
+
+def load_head(path: str | Path, config: JetMoeConfig, tokenizer_name: str | None = None):
+    """A trained `JetMoeForSequenceClassification` (full directory or LoRA adapter) and its tokenizer."""
     kwargs = {}
-    if is_adapter_dir(path) and _adapter_has_head(path):  # a headless adapter fails in load_trained_model
-        kwargs = _adapter_head_config(path)
+    if is_adapter_dir(path):  # the base gets the head's shape and names
+        kwargs = {
+            "num_labels": config.num_labels,
+            "id2label": config.id2label,
+            "label2id": config.label2id,
+            "pad_token_id": config.pad_token_id,
+        }
     model = load_trained_model(path, JetMoeForSequenceClassification, **kwargs)
     tokenizer = _load_tokenizer(tokenizer_name or str(path))
     resolve_pad_token(tokenizer)
     return model.eval(), tokenizer
-
-
-def _adapter_head_config(path: Path) -> dict[str, Any]:
-    """The head's config for the base under an adapter: the `config.json` `jetmoe-ft cls` writes beside it."""
-    if not (path / "config.json").is_file():
-        raise RecipeError(
-            f"model: the adapter in {path} has no config.json giving its classes (num_labels, id2label); "
-            "copy the base model's config with the head's num_labels / id2label there."
-        )
-    config = JetMoeConfig.from_pretrained(path)
-    return {
-        "num_labels": config.num_labels,
-        "id2label": config.id2label,
-        "label2id": config.label2id,
-        "pad_token_id": config.pad_token_id,
-    }
 
 
 def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
@@ -334,12 +346,15 @@ def pair_token_ids(
 # the two evaluations
 
 
-def evaluate_classifier(model, tokenizer, dataset: Dataset, args, device) -> tuple[dict, list[dict]]:
-    """Metrics and prediction rows of a classification head on `text` / `label` rows."""
-    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
-    labels = np.asarray(
-        encode_labels(dataset, "label", {name: i for i, name in enumerate(names)}, "evaluation data")
-    )
+def class_names(config: JetMoeConfig) -> list[str]:
+    return [config.id2label[i] for i in range(config.num_labels)]
+
+
+def evaluate_classifier(
+    model, tokenizer, dataset: Dataset, labels: np.ndarray, args, device
+) -> tuple[dict, list[dict]]:
+    """Metrics and prediction rows of a classification head on `text` rows with class ids `labels`."""
+    names = class_names(model.config)
     texts = [str(text) if text is not None else "" for text in dataset["text"]]
     encoded = tokenizer(texts, truncation=True, max_length=args.max_length)["input_ids"]
     probs = softmax(score_batches(model, tokenizer, encoded, args.batch_size, device, "Classifying"))
@@ -568,16 +583,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Evaluate one trained head; returns the report written to `metrics.json`."""
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     source = eval_source(args)
-    model, tokenizer = load_head(args.model, args.tokenizer)
-    reward = model.config.num_labels == 1
+    config = head_config(args.model)
+    reward = config.num_labels == 1
     dataset = load_eval_split(source, "rm" if reward else "cls", args.max_samples)
+    if not reward:  # label mistakes surface before the weights load
+        label2id = {name: i for i, name in enumerate(class_names(config))}
+        labels = np.asarray(encode_labels(dataset, "label", label2id, "evaluation data"))
     if args.max_length is None:
         args.max_length = int(source.values.get("max_length") or (1024 if reward else 512))
+    model, tokenizer = load_head(args.model, config, args.tokenizer)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
 
-    evaluate = evaluate_reward_model if reward else evaluate_classifier
-    metrics, rows = evaluate(model, tokenizer, dataset, args, device)
+    if reward:
+        metrics, rows = evaluate_reward_model(model, tokenizer, dataset, args, device)
+    else:
+        metrics, rows = evaluate_classifier(model, tokenizer, dataset, labels, args, device)
     report = {
         "model": str(args.model),
         "data": source.description,
