@@ -2,17 +2,21 @@ from pathlib import Path
 
 import pytest
 import yaml
-from trl import SFTConfig
+from transformers import TrainingArguments
+from trl import RewardConfig, SFTConfig
 
+from jetmoe_ft.cls import ClsArguments, RewardArguments
 from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
-LOOPS = {"sft": SFTConfig}
+LOOPS = {"sft": SFTConfig, "cls": (TrainingArguments, ClsArguments), "rm": (RewardConfig, RewardArguments)}
+"""Recipe kind (file or folder name) -> training arguments class, or (training class, task fields class)."""
 
 
-def _loop(path: Path):
+def _loop(path: Path) -> tuple[type, type | None]:
     kind = next(part for part in (path.stem, path.parent.name) if part.split("_")[0] in LOOPS).split("_")[0]
-    return LOOPS[kind]
+    loop = LOOPS[kind]
+    return loop if isinstance(loop, tuple) else (loop, None)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[2])))
@@ -21,7 +25,8 @@ def test_every_recipe_parses_and_says_how_to_run_it(path):
     assert first_line.startswith("#")
     assert "jetmoe-ft" in path.read_text().split("\n\n")[0] or "accelerate launch" in path.read_text()
     # GPU recipes ask for bf16, which TrainingArguments refuses on a CPU-only machine unless told
-    recipe = parse_recipe(_loop(path), ["--config", str(path), "--use_cpu", "true"])
+    training_cls, task_cls = _loop(path)
+    recipe = parse_recipe(training_cls, ["--config", str(path), "--use_cpu", "true"], task_cls=task_cls)
     assert recipe.model.model_name_or_path
     assert recipe.data.dataset_name or recipe.data.datasets
 
