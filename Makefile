@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench lint format clean sft
+.PHONY: install test bench lint format clean sft cls eval-cls
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench:  ## benchmarks against transformers' JetMoe, one JSON line per case
 
 sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)
+
+cls:  ## classifier (reward model with num_labels: 1): recipes/tiny/cls.yaml unless RECIPE=path.yaml
+	$(BIN)/jetmoe-ft cls --config $(or $(RECIPE),recipes/tiny/cls.yaml)
+
+MODEL ?=
+eval-cls:  ## evaluate a trained head on its held-out data: outputs/tiny-cls unless MODEL=dir
+	$(BIN)/jetmoe-ft eval-cls --model $(or $(MODEL),outputs/tiny-cls)
 
 lint:
 	$(BIN)/ruff check .
