@@ -13,6 +13,10 @@ Cases (`--list` prints them all):
   `LlamaForCausalLM` with the same active FLOPs per token ("dense"). bf16 means
   `torch.autocast("cpu", dtype=torch.bfloat16)` around the forward, weights kept in fp32.
 - `ckpt-{small,medium}-fp32`: our training step with gradient checkpointing against without it.
+- `lora-{small,medium}-{fp32,bf16}`: a training step of rank-16 LoRA on every MoA and MoE expert and on
+  kv_proj, two ways: our expert LoRA ("lora": per-expert factors applied inside the sorted dispatch) and PEFT's
+  own `target_parameters` on the same expert weights ("peft-params": builds every expert's full delta each
+  forward), against full fine-tuning of ours ("ours").
 - `decode-small-fp32`: greedy `generate()` of 64 new tokens after a 1x32 prompt, with a KV cache; checks
   that ours and the reference produce the same tokens.
 
@@ -76,10 +80,14 @@ import torch
 import transformers
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
+from jetmoe_ft.lora import register_expert_lora
+from jetmoe_ft.modeling.modeling_jetmoe import JetMoeParallelExperts
 
 SEED = 1234
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 IMPLEMENTATIONS = ("ours", "ref", "dense")
+LORA_IMPLEMENTATIONS = ("ours", "lora", "peft-params")
+LORA_RANK = 16
 DTYPES = ("fp32", "bf16")
 BIAS_INIT_STD = 0.02
 LEARNING_RATE = 1e-4
@@ -131,6 +139,7 @@ class Case:
 ALL_CASES = (
     [Case("train", size, dtype) for size in MODEL_SIZES for dtype in DTYPES]
     + [Case("ckpt", size, "fp32") for size in MODEL_SIZES]
+    + [Case("lora", size, dtype) for size in MODEL_SIZES for dtype in DTYPES]
     + [Case("decode", size, "fp32") for size in MODEL_SIZES]
 )
 DEFAULT_CASES = (
@@ -139,9 +148,18 @@ DEFAULT_CASES = (
     "train-medium-fp32",
     "train-medium-bf16",
     "ckpt-medium-fp32",
+    "lora-small-fp32",
+    "lora-medium-fp32",
+    "lora-medium-bf16",
     "decode-small-fp32",
 )
-QUICK_CASES = ("train-small-fp32", "train-small-bf16", "ckpt-small-fp32", "decode-small-fp32")
+QUICK_CASES = (
+    "train-small-fp32",
+    "train-small-bf16",
+    "ckpt-small-fp32",
+    "lora-small-fp32",
+    "decode-small-fp32",
+)
 
 
 def select_cases(patterns: str | None, quick: bool) -> list[Case]:
@@ -234,6 +252,25 @@ def build_dense(size: str, use_cache: bool) -> transformers.LlamaForCausalLM:
     return transformers.LlamaForCausalLM(config)
 
 
+def build_adapted(model: JetMoeForCausalLM, impl: str) -> torch.nn.Module:
+    """Rank-16 LoRA on every expert projection and kv_proj: ours ("lora") or PEFT `target_parameters`."""
+    from peft import LoraConfig, get_peft_model
+
+    experts = [name for name, module in model.named_modules() if isinstance(module, JetMoeParallelExperts)]
+    if impl == "lora":
+        config = register_expert_lora(
+            LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=[*experts, "kv_proj"])
+        )
+    else:
+        config = LoraConfig(
+            r=LORA_RANK,
+            lora_alpha=2 * LORA_RANK,
+            target_modules=["kv_proj"],
+            target_parameters=[f"{name}.weight" for name in experts],
+        )
+    return get_peft_model(model, config)
+
+
 def enable_checkpointing(model: torch.nn.Module) -> None:
     """Gradient (activation) checkpointing on every decoder layer, non-reentrant."""
     enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
@@ -249,6 +286,8 @@ def build_models(implementations: set[str], size: str, use_cache: bool) -> dict[
             models[name] = build_ours(reference, size, use_cache)
             if name == "ours-ckpt":
                 enable_checkpointing(models[name])
+        elif name in ("lora", "peft-params"):
+            models[name] = build_adapted(build_ours(reference, size, use_cache), name)
         elif name == "dense":
             models[name] = build_dense(size, use_cache)
     if "ref" in implementations:
@@ -747,7 +786,11 @@ def training_contenders(cases: list[Case]) -> dict[tuple[str, str], Contender]:
                 wanted.append(("ours", "fp32"))  # for ours bf16 / fp32
         elif case.kind == "ckpt":
             wanted += [("ours", case.dtype), ("ours-ckpt", case.dtype)]
-    order = {impl: index for index, impl in enumerate(("ours", "ref", "dense", "ours-ckpt"))}
+        elif case.kind == "lora":
+            wanted += [(impl, case.dtype) for impl in LORA_IMPLEMENTATIONS]
+    order = {
+        impl: index for index, impl in enumerate(("ours", "ref", "dense", "ours-ckpt", "lora", "peft-params"))
+    }
     wanted = sorted(set(wanted), key=lambda pair: (DTYPES.index(pair[1]), order[pair[0]]))
     size = cases[0].size
     return {
@@ -809,6 +852,26 @@ def ckpt_case_record(case: Case, contenders: dict, memory: MemoryCache, tokens: 
     return record
 
 
+def lora_case_record(case: Case, contenders: dict, memory: MemoryCache, tokens: int) -> dict:
+    """The JSON record of one `lora-*` case: our expert LoRA against PEFT `target_parameters` and full tuning."""
+    record = training_case_header(case)
+    for impl in LORA_IMPLEMENTATIONS:
+        prefix = impl.replace("-", "_")
+        record.update(contender_fields(prefix, contenders.get((impl, case.dtype)), tokens))
+        record.update(memory_fields(prefix, memory.get("train", case.size, case.dtype, impl)))
+    record["lora_vs_peft_params"] = ratio(record.get("lora_tok_s"), record.get("peft_params_tok_s"))
+    record["lora_vs_full"] = ratio(record.get("lora_tok_s"), record.get("ours_tok_s"))
+    record["lora_peak_vs_peft_params"] = ratio(
+        record.get("lora_peak_rss_mb"), record.get("peft_params_peak_rss_mb")
+    )
+    record["lora_peak_vs_full"] = ratio(record.get("lora_peak_rss_mb"), record.get("ours_peak_rss_mb"))
+    return record
+
+
+CASE_IMPLEMENTATIONS = {"train": IMPLEMENTATIONS, "ckpt": ("ours", "ours-ckpt"), "lora": LORA_IMPLEMENTATIONS}
+CASE_RECORDS = {"train": train_case_record, "ckpt": ckpt_case_record, "lora": lora_case_record}
+
+
 def run_training_group(size: str, cases: list[Case], args, memory: MemoryCache) -> list[dict]:
     """Every training/checkpointing case of one size: one rotation per dtype, each variant in its own worker.
 
@@ -817,26 +880,25 @@ def run_training_group(size: str, cases: list[Case], args, memory: MemoryCache) 
     workers live at once. A bf16 rotation runs ours in fp32 as well, for the bf16 / fp32 ratio.
     """
     for case in cases:  # memory first, in subprocesses, before the workers start
-        impls = IMPLEMENTATIONS if case.kind == "train" else ("ours", "ours-ckpt")
-        for impl in impls:
+        for impl in CASE_IMPLEMENTATIONS[case.kind]:
             memory.get(case.kind, case.size, case.dtype, impl)
     batch, sequence = TRAIN_BATCH[size]
     records: dict[str, dict] = {}
     for dtype in DTYPES:
-        rotation = [case for case in cases if case.dtype == dtype]
-        if not rotation:
-            continue
-        contenders = training_contenders(rotation)
-        labels = ", ".join(c.label for c in contenders.values())
-        log(
-            f"training {size} {dtype} ({', '.join(c.name for c in rotation)}): {labels}, each in its own process"
-        )
-        with running_workers(list(contenders.values())):
-            other_cores = run_interleaved(list(contenders.values()), args.warmup, args.steps)
-        for case in rotation:
-            build = train_case_record if case.kind == "train" else ckpt_case_record
-            record = build(case, contenders, memory, batch * sequence)
-            records[case.name] = {**record, "other_procs_cpu_cores": other_cores}
+        for family in (("train", "ckpt"), ("lora",)):  # LoRA apart: five medium workers would not fit in RAM
+            rotation = [case for case in cases if case.dtype == dtype and case.kind in family]
+            if not rotation:
+                continue
+            contenders = training_contenders(rotation)
+            labels = ", ".join(c.label for c in contenders.values())
+            log(
+                f"training {size} {dtype} ({', '.join(c.name for c in rotation)}): {labels}, each in its own process"
+            )
+            with running_workers(list(contenders.values())):
+                other_cores = run_interleaved(list(contenders.values()), args.warmup, args.steps)
+            for case in rotation:
+                record = CASE_RECORDS[case.kind](case, contenders, memory, batch * sequence)
+                records[case.name] = {**record, "other_procs_cpu_cores": other_cores}
     return [records[case.name] for case in cases]
 
 
@@ -932,7 +994,7 @@ def markdown_summary(records: list[dict], env: dict, args) -> str:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
-        if r["case"].startswith("ckpt-"):
+        if not r["case"].startswith(("train-", "decode-")):
             continue
         lines.append(
             f"| {r['case']} | {fmt(r.get('ours_tok_s'))} | {fmt(r.get('ref_tok_s'))} | {fmt(r.get('ratio'), 2, '×')} "
@@ -956,6 +1018,24 @@ def markdown_summary(records: list[dict], env: dict, args) -> str:
                 f"| {fmt(r.get('ckpt_speed_ratio'), 2, '×')} | {fmt_rss(r, 'ours')} | {fmt_rss(r, 'ours_ckpt')} "
                 f"| {fmt(r.get('ckpt_peak_rss_ratio'), 2, '×')} | {fmt(r.get('ckpt_step_rss_growth_ratio'), 2, '×')} "
                 f"| {case_notes(r)} |"
+            )
+    lora = [r for r in records if r["case"].startswith("lora-")]
+    if lora:
+        lines += [
+            "",
+            f"LoRA rank {LORA_RANK} on every MoA / MoE expert and kv_proj: our expert LoRA (inside the sorted "
+            "dispatch) vs PEFT `target_parameters` (full expert deltas) vs full fine-tuning of ours:",
+            "",
+            "| case | expert LoRA tok/s | PEFT params tok/s | full tok/s | LoRA/PEFT | LoRA/full "
+            "| LoRA RSS MiB | PEFT RSS MiB | full RSS MiB | notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in lora:
+            lines.append(
+                f"| {r['case']} | {fmt(r.get('lora_tok_s'))} | {fmt(r.get('peft_params_tok_s'))} "
+                f"| {fmt(r.get('ours_tok_s'))} | {fmt(r.get('lora_vs_peft_params'), 2, '×')} "
+                f"| {fmt(r.get('lora_vs_full'), 2, '×')} | {fmt_rss(r, 'lora')} | {fmt_rss(r, 'peft_params')} "
+                f"| {fmt_rss(r, 'ours')} | {case_notes(r)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -1017,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     with open(args.out_dir / "model.jsonl", "w") as jsonl:
         for size in MODEL_SIZES:
-            group = [case for case in cases if case.size == size and case.kind in ("train", "ckpt")]
+            group = [case for case in cases if case.size == size and case.kind in CASE_RECORDS]
             if group:
                 records += [emit(r, env, jsonl) for r in run_training_group(size, group, args, memory)]
         for case in cases:

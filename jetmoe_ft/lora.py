@@ -181,9 +181,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             weight_a, weight_b = self._factors(adapter)
             x = self.lora_dropout[adapter](rows).to(weight_a.dtype)
             dtype = compute_dtype(x)
-            low_rank = resolve_backend(backend, weight_a, dtype)(x, weight_a, routing)
+            # scaling on the [M, r] low-rank rows and an in-place add: no extra pass over the [M, out] output
+            low_rank = resolve_backend(backend, weight_a, dtype)(x, weight_a, routing) * self.scaling[adapter]
             update = resolve_backend(backend, weight_b, dtype)(low_rank, weight_b, routing)
-            result = result + (update * self.scaling[adapter]).to(result.dtype)
+            result = result.add_(update.to(result.dtype))
         return result
 
     def __repr__(self) -> str:
