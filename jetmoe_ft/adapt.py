@@ -10,8 +10,9 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 from trl import get_peft_config
 
@@ -62,6 +63,9 @@ def adapt_model(
         print(_selection_summary(selection))
 
     num_layers, num_experts = model.config.num_hidden_layers, model.config.num_local_experts
+    if getattr(model, "is_loaded_in_4bit", False):
+        # QLoRA: 16-bit leftovers (norms, routers, head) in fp32 for stable updates, input grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
     if use_lora:
         experts = experts_per_router(
             adapters.lora_experts, num_layers, num_experts, selection, "lora_experts"
@@ -245,9 +249,12 @@ def trainable_parameter_table(model: nn.Module) -> str:
     """Trainable / total parameters by group; masked experts (subset LoRA, `finetune_experts`) not counted."""
     trainable, total = defaultdict(int), defaultdict(int)
     fractions = _trained_fractions(model)
+    for name, module in model.named_modules():
+        if hasattr(module, "weight_4bit"):  # 4-bit experts hold their weights in a buffer, two per byte
+            total[parameter_group(name + ".weight")] += 2 * module.weight_4bit.numel()
     for name, parameter in model.named_parameters():
         group = parameter_group(name)
-        total[group] += parameter.numel()
+        total[group] += parameter.numel() * (2 if parameter.dtype == torch.uint8 else 1)
         if parameter.requires_grad:
             trainable[group] += round(parameter.numel() * fractions.get(name, 1.0))
     lines = [f"{'group':<12} {'trainable':>14} {'total':>14} {'share':>8}"]

@@ -1,5 +1,7 @@
 """Tokenizer and model for a recipe: the embedded tiny default, a local directory, or a hub id."""
 
+import importlib.util
+import os
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_token
 from .config import Recipe, RecipeError
 from .lora import register_expert_lora
 from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
+from .quantization import QUANT_TYPES, quantize_model_4bit
 
 TINY_NAMES = (TINY_MODEL, "tiny")
 EMBEDDED_TOKENIZER_NAMES = (EMBEDDED_TOKENIZER, "embedded")
@@ -82,12 +85,23 @@ def _token_ids(tokenizer, sample: Dataset, conversational: bool):
 def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_kwargs):
     """Our JetMoE model for a recipe, with the recipe's JetMoE fields, dtype and attention applied."""
     path = model_path(recipe)
-    if recipe.model.load_in_4bit or recipe.model.load_in_8bit:
-        raise RecipeError(
-            "load_in_4bit / load_in_8bit: quantized (QLoRA) loading of JetMoE is not supported yet."
-        )
+    check_quantization(recipe)
     overrides = {**recipe.jetmoe.model_config_overrides(), **config_kwargs}
     dtype = _torch_dtype(recipe.model.dtype)
+    if recipe.model.load_in_4bit:
+        dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+        model = _load_model(recipe, path, cls, dtype, overrides)
+        return quantize_model_4bit(
+            model.to(dtype),
+            quant_type=recipe.model.bnb_4bit_quant_type,
+            double_quant=recipe.model.use_bnb_nested_quant,
+            compute_dtype=dtype,
+            device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu",
+        )
+    return _load_model(recipe, path, cls, dtype, overrides)
+
+
+def _load_model(recipe: Recipe, path: str, cls, dtype, overrides: dict):
     attn_implementation = recipe.model.attn_implementation
     if attn_implementation:
         overrides["attn_implementation"] = attn_implementation
@@ -114,6 +128,29 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
         dtype=dtype if dtype is not None else "auto",
         attn_implementation=attn_implementation,
     )
+
+
+def check_quantization(recipe: Recipe) -> None:
+    """QLoRA needs 4 bits, LoRA and bitsandbytes; said before anything loads."""
+    if recipe.model.load_in_8bit:
+        raise RecipeError(
+            "load_in_8bit: JetMoE is quantized in 4 bits only; use `load_in_4bit: true` (QLoRA)."
+        )
+    if not recipe.model.load_in_4bit:
+        return
+    if not (recipe.adapters.lora_targets or recipe.model.use_peft):
+        raise RecipeError(
+            "load_in_4bit: 4-bit weights are frozen; train LoRA on them with `lora_targets:` (e.g. [moa_experts, "
+            "moe_experts, kv_proj])."
+        )
+    if recipe.model.bnb_4bit_quant_type not in QUANT_TYPES:
+        raise RecipeError(
+            f"bnb_4bit_quant_type: expected one of {', '.join(QUANT_TYPES)}, got {recipe.model.bnb_4bit_quant_type!r}."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise RecipeError(
+            "load_in_4bit: bitsandbytes is not installed; `pip install bitsandbytes` (CPU or GPU)."
+        )
 
 
 def _torch_dtype(name: str | None) -> torch.dtype | None:

@@ -23,7 +23,7 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .modeling.experts import ExpertRouting, compute_dtype, resolve_backend
+from .modeling.experts import ExpertRouting, compute_dtype, grouped_mm_supported, resolve_backend
 from .modeling.modeling_jetmoe import JetMoeParallelExperts
 
 MOA_EXPERTS = ("self_attention.experts.input_linear", "self_attention.experts.output_linear")
@@ -143,6 +143,10 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         from peft.tuners.tuners_utils import check_adapters_to_merge
 
         base = self.get_base_layer()
+        if base.weight.dtype == torch.uint8:
+            raise ValueError(
+                "Cannot merge into 4-bit experts: load the base model in 16 bits, load the adapter on it, then merge."
+            )
         for adapter in check_adapters_to_merge(self, adapter_names):
             if adapter not in self.lora_A:
                 continue
@@ -182,13 +186,20 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             x = self.lora_dropout[adapter](rows).to(weight_a.dtype)
             dtype = compute_dtype(x)
             # scaling on the [M, r] low-rank rows and an in-place add: no extra pass over the [M, out] output
-            low_rank = resolve_backend(backend, weight_a, dtype)(x, weight_a, routing) * self.scaling[adapter]
-            update = resolve_backend(backend, weight_b, dtype)(low_rank, weight_b, routing)
+            low_rank = _factor_linear(backend, weight_a, dtype)(x, weight_a, routing) * self.scaling[adapter]
+            update = _factor_linear(backend, weight_b, dtype)(low_rank, weight_b, routing)
             result = result.add_(update.to(result.dtype))
         return result
 
     def __repr__(self) -> str:
         return "lora." + super().__repr__()
+
+
+def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype):
+    """The layer's backend for a LoRA factor, or the loop where a small rank breaks grouped_mm's alignment."""
+    if backend == "grouped_mm" and not grouped_mm_supported(factor, dtype):
+        backend = "loop"
+    return resolve_backend(backend, factor, dtype)
 
 
 def register_expert_lora(config: LoraConfig) -> LoraConfig:
