@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench lint format clean sft cls eval-cls
+.PHONY: install test bench lint format clean sft dpo cls eval-cls
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -35,6 +35,10 @@ bench:  ## benchmarks against transformers' JetMoe, one JSON line per case
 
 sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)
+
+dpo:  ## preference alignment (DPO): recipes/tiny/dpo.yaml from the `make sft` output unless RECIPE=path.yaml
+	@$(if $(RECIPE)$(wildcard outputs/tiny-sft/config.json),,echo "No outputs/tiny-sft (run make sft first): DPO starts from the random jetmoe-ft/tiny.")
+	$(BIN)/jetmoe-ft dpo --config $(or $(RECIPE),recipes/tiny/dpo.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny))
 
 cls:  ## classifier (reward model with num_labels: 1): recipes/tiny/cls.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft cls --config $(or $(RECIPE),recipes/tiny/cls.yaml)

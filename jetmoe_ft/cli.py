@@ -4,6 +4,7 @@ import sys
 
 COMMANDS = {
     "sft": ("jetmoe_ft.sft", "cli", "supervised fine-tuning from a recipe"),
+    "dpo": ("jetmoe_ft.dpo", "cli", "preference alignment (DPO) from a recipe"),
     "chat": ("jetmoe_ft.chat", "main", "generate replies with a trained model"),
     "cls": ("jetmoe_ft.cls", "cli", "train a classifier or reward model (num_labels: 1) from a recipe"),
     "eval-cls": ("jetmoe_ft.evaluate", "cli", "evaluate a trained classification or reward head"),

@@ -201,7 +201,7 @@ def _clean_split(dataset: Dataset, split: str, tokenizer, args: DPOConfig) -> Da
         for row in dataset.select_columns(["chosen", "rejected"])
     ]
     if args.max_length is not None and args.truncation_mode == "keep_start":
-        lengths = _prompt_lengths(dataset, tokenizer, conversational, args.dataset_num_proc)
+        lengths = _prompt_lengths(dataset, tokenizer, conversational)
         problems = [
             problem or (f"a prompt of {args.max_length}+ tokens" if length >= args.max_length else None)
             for problem, length in zip(problems, lengths, strict=True)
@@ -252,22 +252,20 @@ def _is_empty(answer) -> bool:
     return not answer or all(not str(message.get("content") or "").strip() for message in answer)
 
 
-def _prompt_lengths(dataset: Dataset, tokenizer, conversational: bool, num_proc: int | None) -> list[int]:
+def _prompt_lengths(dataset: Dataset, tokenizer, conversational: bool, chunk: int = 1024) -> list[int]:
     """Prompt tokens as TRL counts them: the chat template with the generation prompt, or the plain text."""
-
-    def lengths(batch):
+    prompts, lengths = dataset["prompt"], []
+    # Plain batches rather than `Dataset.map`, which would hash the tokenizer to fingerprint the result.
+    for start in range(0, len(prompts), chunk):
+        batch = prompts[start : start + chunk]
         if conversational:
             encoded = tokenizer.apply_chat_template(
-                batch["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+                batch, add_generation_prompt=True, tokenize=True, return_dict=True
             )
         else:
-            encoded = tokenizer(batch["prompt"])
-        return {"prompt_length": [len(ids) for ids in encoded["input_ids"]]}
-
-    measured = dataset.select_columns(["prompt"]).map(
-        lengths, batched=True, num_proc=num_proc, desc="Measuring prompts"
-    )
-    return measured["prompt_length"]
+            encoded = tokenizer(batch)
+        lengths.extend(len(ids) for ids in encoded["input_ids"])
+    return lengths
 
 
 def _describe(counts: Counter) -> str:

@@ -3,13 +3,18 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import TrainingArguments
-from trl import RewardConfig, SFTConfig
+from trl import DPOConfig, RewardConfig, SFTConfig
 
 from jetmoe_ft.cls import ClsArguments, RewardArguments
 from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
-LOOPS = {"sft": SFTConfig, "cls": (TrainingArguments, ClsArguments), "rm": (RewardConfig, RewardArguments)}
+LOOPS = {
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+    "cls": (TrainingArguments, ClsArguments),
+    "rm": (RewardConfig, RewardArguments),
+}
 """Recipe kind (file or folder name) -> training arguments class, or (training class, task fields class)."""
 
 
