@@ -145,7 +145,7 @@ def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path):
 # The trainer on a small model
 
 
-def _small_trainer(tmp_path, coef: float, data: Dataset) -> JetMoeDPOTrainer:
+def _small_trainer(tmp_path, coef: float, data: Dataset, full_logits: bool | None = None) -> JetMoeDPOTrainer:
     torch.manual_seed(0)
     model = JetMoeForCausalLM(JetMoeConfig(**tiny_kwargs(vocab_size=32000)))
     args = DPOConfig(
@@ -157,7 +157,8 @@ def _small_trainer(tmp_path, coef: float, data: Dataset) -> JetMoeDPOTrainer:
         router_aux_loss_coef=coef,
         gradient_checkpointing=False,
     )
-    return JetMoeDPOTrainer(
+    trainer_cls = type("Trainer", (JetMoeDPOTrainer,), {"full_logits": full_logits})
+    return trainer_cls(
         model=model,
         ref_model=copy.deepcopy(model).eval(),
         args=args,
@@ -171,9 +172,11 @@ def _with_system_prompt(pairs: list[dict]) -> Dataset:
     return Dataset.from_list([{**pair, "prompt": [system, *pair["prompt"]]} for pair in pairs])
 
 
-def test_router_loss_is_jetmoes_in_the_training_loss_only(tmp_path):
+@pytest.mark.parametrize("full_logits", [True, False], ids=["full-logits", "trl-fused-head"])
+def test_router_loss_is_jetmoes_in_the_training_loss_only(tmp_path, full_logits):
     data = _with_system_prompt(_pairs(4))
-    without, weighted = _small_trainer(tmp_path, 0.0, data), _small_trainer(tmp_path, 0.5, data)
+    without = _small_trainer(tmp_path, 0.0, data, full_logits)
+    weighted = _small_trainer(tmp_path, 0.5, data, full_logits)
     batch = weighted._prepare_inputs(next(iter(weighted.get_train_dataloader())))
     losses = {}
     for name, trainer in (("without", without), ("weighted", weighted)):
@@ -197,6 +200,33 @@ def test_router_loss_is_jetmoes_in_the_training_loss_only(tmp_path):
         assert weighted.compute_loss(weighted.model, batch).item() == pytest.approx(
             losses["without"].item(), abs=1e-5
         )
+
+
+def test_full_logits_head_matches_trls_fused_head(tmp_path):
+    data = _with_system_prompt(_pairs(4))
+    trainers = [_small_trainer(tmp_path, 0.0, data, full_logits) for full_logits in (True, False)]
+    batch = trainers[0]._prepare_inputs(next(iter(trainers[0].get_train_dataloader())))
+    results = []
+    for trainer in trainers:
+        with torch.no_grad():  # move the policy away from the reference
+            for parameter in trainer.model.parameters():
+                parameter.add_(1e-3)
+        trainer.model.train()
+        trainer.compute_loss(trainer.model, batch)
+        results.append({key: values[-1] for key, values in trainer._metrics["train"].items()})
+    for key in (
+        "logps/chosen",
+        "logps/rejected",
+        "entropy",
+        "logits/chosen",
+        "logits/rejected",
+        "mean_token_accuracy",
+    ):
+        assert results[0][key] == pytest.approx(results[1][key], rel=1e-5, abs=1e-6), key
+    # rewards are beta x differences of two sums of ~70 nats: fp32 rounding of the two paths shows at ~1e-4
+    for key in ("rewards/chosen", "rewards/rejected"):
+        assert results[0][key] == pytest.approx(results[1][key], abs=5e-4), key
+    assert abs(results[0]["rewards/chosen"]) > 5e-3
 
 
 def test_chat_template_is_applied_once(tmp_path):
