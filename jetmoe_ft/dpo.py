@@ -60,7 +60,7 @@ class JetMoeDPOTrainer(DPOTrainer):
         causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         jetmoe_lm_head(causal_lm, self.full_logits, with_log_sum_sq_probs=self.use_weighting)
         if self.ref_model is not None:
-            jetmoe_lm_head(self.accelerator.unwrap_model(self.ref_model), self.full_logits)
+            jetmoe_lm_head(self.accelerator.unwrap_model(self.ref_model), self.full_logits, reference=True)
         if isinstance(self.model, PeftModel):
             self._reference_is_base_model(trainable)
 
@@ -101,13 +101,17 @@ class JetMoeDPOTrainer(DPOTrainer):
 
 
 def jetmoe_lm_head(
-    causal_lm: torch.nn.Module, full_logits: bool | None = None, with_log_sum_sq_probs: bool = False
+    causal_lm: torch.nn.Module,
+    full_logits: bool | None = None,
+    with_log_sum_sq_probs: bool = False,
+    reference: bool = False,
 ) -> None:
     """Wrap the forward that TRL's fused LM head installed on `causal_lm` (TRL calls it with `fused_lm_head=True`).
 
     - `aux_loss` is the JetMoE router loss when router logits are asked for (the policy's training forward).
-    - With `full_logits` (default: on CPU) the log-probabilities come from the model's own logits: TRL's
-      chunked kernel has no fast CPU path (measured: 3x the time of a tiny DPO step).
+    - With `full_logits` (default: on CPU) the log-probabilities come from plain logits of the scored
+      positions: TRL's chunked kernel has no fast CPU path (measured: 3x the time of a tiny DPO step).
+      `reference`: `causal_lm` is a separate reference model, whose passes need log-probabilities only.
     - A forward without gradients in training mode is a reference pass (PEFT: adapter disabled); it runs in
       evaluation mode, like a separate reference model, so the routing statistics (which count training-mode
       router calls) describe the policy alone.
@@ -115,15 +119,12 @@ def jetmoe_lm_head(
     fused_forward = causal_lm.forward
     backbone = causal_lm.base_model
 
-    @functools.wraps(fused_forward)
-    def forward(*args, fused_lm_head=False, **kwargs):
-        if not fused_lm_head:
-            return fused_forward(*args, **kwargs)
-        if causal_lm.training and not torch.is_grad_enabled():
-            with _evaluation_mode(causal_lm):
-                return forward(*args, fused_lm_head=True, **kwargs)
+    def scored(reference_pass: bool, *args, **kwargs):
         if full_logits or (full_logits is None and causal_lm.lm_head.weight.device.type == "cpu"):
-            return _head_from_logits(causal_lm, *args, with_log_sum_sq_probs=with_log_sum_sq_probs, **kwargs)
+            statistics = not reference_pass
+            return _head_from_logits(
+                causal_lm, *args, statistics=statistics, with_log_sum_sq_probs=with_log_sum_sq_probs, **kwargs
+            )
         if not kwargs.get("output_router_logits"):
             return fused_forward(*args, fused_lm_head=True, **kwargs)
         router_logits = []
@@ -137,35 +138,64 @@ def jetmoe_lm_head(
         outputs.aux_loss = _router_loss_for(causal_lm.config, router_logits[-1], kwargs.get("attention_mask"))
         return outputs
 
+    @functools.wraps(fused_forward)
+    def forward(*args, fused_lm_head=False, **kwargs):
+        if not fused_lm_head:
+            return fused_forward(*args, **kwargs)
+        if causal_lm.training and not torch.is_grad_enabled():
+            with _evaluation_mode(causal_lm):
+                return scored(True, *args, **kwargs)
+        return scored(reference, *args, **kwargs)
+
     causal_lm.forward = forward
 
 
 def _head_from_logits(
-    causal_lm, *args, labels: torch.Tensor, with_log_sum_sq_probs: bool = False, **kwargs
+    causal_lm,
+    *args,
+    labels: torch.Tensor,
+    statistics: bool = True,
+    with_log_sum_sq_probs: bool = False,
+    **kwargs,
 ) -> FusedCausalLMOutput:
-    """What TRL's fused LM head returns, from the model's own forward (logits and JetMoE `aux_loss`)."""
-    kwargs.setdefault("output_router_logits", False)
-    outputs = type(causal_lm).forward(causal_lm, *args, **kwargs)
-    logits, targets = outputs.logits[:, :-1].float(), labels[:, 1:]
+    """What TRL's fused LM head returns, from the logits of the scored positions only (label not -100).
+
+    The prompt positions get no logits, as in TRL's kernel on GPU. `statistics` (entropy, mean logit,
+    top-1) are for logging; a reference pass needs only the log-probabilities.
+    """
+    kwargs["use_cache"] = False
+    output_router_logits = bool(kwargs.pop("output_router_logits", False))
+    outputs = causal_lm.base_model(*args, output_router_logits=output_router_logits, **kwargs)
+    targets = labels[:, 1:]
     mask = targets != -100
+    logits = causal_lm.lm_head(outputs.last_hidden_state[:, :-1][mask]).float()
     log_softmax = logits.log_softmax(-1)
-    log_probs = log_softmax.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1).masked_fill(~mask, 0.0)
-    with torch.no_grad():
-        entropy = -(log_softmax.exp() * log_softmax).sum(-1).masked_fill(~mask, 0.0)
-        mean_logits = logits.mean(-1).masked_fill(~mask, 0.0)
-        is_top1 = (logits.argmax(-1) == targets) & mask
-        log_sum_sq_probs = None
-        if with_log_sum_sq_probs:
-            log_sum_sq_probs = torch.logsumexp(2 * log_softmax, dim=-1).masked_fill(~mask, 0.0)
+    scored = log_softmax.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
+
+    def per_token(values: torch.Tensor) -> torch.Tensor:
+        # `masked_scatter` keeps the result connected to the model even when nothing is scored.
+        return values.new_zeros(mask.shape).masked_scatter(mask, values)
+
+    entropy = mean_logits = is_top1 = log_sum_sq_probs = None
+    if statistics:
+        with torch.no_grad():
+            entropy = per_token(-(log_softmax.exp() * log_softmax).sum(-1))
+            mean_logits = per_token(logits.mean(-1))
+            is_top1 = per_token((logits.argmax(-1) == targets[mask]).float()).bool()
+            if with_log_sum_sq_probs:
+                log_sum_sq_probs = per_token(torch.logsumexp(2 * log_softmax, dim=-1))
+    aux_loss = None
+    if output_router_logits:
+        aux_loss = _router_loss_for(causal_lm.config, outputs.router_logits, kwargs.get("attention_mask"))
     return FusedCausalLMOutput(
-        loss=-log_probs.sum() / mask.sum().clamp(min=1),
-        log_probs=log_probs,
+        loss=-scored.sum() / mask.sum().clamp(min=1),
+        log_probs=per_token(scored),
         entropy=entropy,
         log_sum_sq_probs=log_sum_sq_probs,
         mean_logits=mean_logits,
         is_top1=is_top1,
         label_mask=mask,
-        aux_loss=outputs.aux_loss,
+        aux_loss=aux_loss,
     )
 
 
