@@ -54,9 +54,9 @@ class JetMoeDPOTrainer(DPOTrainer):
 
     def __init__(self, model, *args, **kwargs):
         trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+        self._metric_key_prefix = "eval"
         super().__init__(model, *args, **kwargs)
         self.router_loss_enabled = self.aux_loss_enabled
-        self._metric_key_prefix = "eval"
         causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         jetmoe_lm_head(causal_lm, self.full_logits, with_log_sum_sq_probs=self.use_weighting)
         if self.ref_model is not None:
@@ -67,12 +67,13 @@ class JetMoeDPOTrainer(DPOTrainer):
     def _reference_is_base_model(self, trainable: dict[str, bool]) -> None:
         """Drop the `ref` adapter TRL copies from a model handed over already wrapped by PEFT.
 
-        `adapt_model` returns a fresh adapter (LoRA B = 0; routers and heads trained whole start as the
-        base's), so the base with adapters disabled is exactly the starting policy, without a second copy
-        of the adapter and of the modules it trains whole. Adding the copy also re-marked which parameters
-        train: the choices of `adapt_model` (`trainable`, by name) are restored.
+        A fresh adapter (every LoRA B zero, as `adapt_model` makes it; routers and heads trained whole start
+        as the base's) leaves the model unchanged, so the base with adapters disabled is exactly the starting
+        policy, without a second copy of the adapter and of the modules it trains whole. A trained adapter
+        keeps TRL's copy as its reference. PEFT re-marks trainable parameters when it adds an adapter: the
+        choices of `adapt_model` (`trainable`, by name) are restored.
         """
-        if "ref" not in self.model.peft_config:
+        if "ref" not in self.model.peft_config or not _adapter_is_fresh(self.model):
             return
         self.model.delete_adapter("ref")
         for name, parameter in self.model.named_parameters():
@@ -98,6 +99,12 @@ class JetMoeDPOTrainer(DPOTrainer):
             logs.update({f"{prefix}_{key}": sum(values) / len(values) for key, values in metrics.items()})
             metrics.clear()
         super().log(logs, start_time)
+
+
+def _adapter_is_fresh(model: PeftModel, adapter: str = "default") -> bool:
+    """Whether the adapter is still the identity: every LoRA B factor zero."""
+    factors = [p for name, p in model.named_parameters() if ".lora_B." in name and f".{adapter}." in name]
+    return bool(factors) and all(not factor.any() for factor in factors)
 
 
 def jetmoe_lm_head(
@@ -341,9 +348,9 @@ def reference_kind(trainer: DPOTrainer) -> str:
     """How the trainer gets reference log-probabilities, in words."""
     if trainer.precompute_ref_logps:
         return "precomputed"
-    if trainer.ref_model is None:
-        return "adapter disabled"
-    return "frozen copy"
+    if trainer.ref_model is not None:
+        return "frozen copy"
+    return "adapter copy" if "ref" in trainer.model.peft_config else "adapter disabled"
 
 
 def weights_mb(*models: torch.nn.Module | None) -> float:
