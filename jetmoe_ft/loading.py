@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_tokenizer
 from .config import Recipe, RecipeError
+from .distributed import declare_zero3_leaf_modules
 from .lora import register_expert_lora
 from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
 from .quantization import QUANT_TYPES, quantize_model_4bit
@@ -91,14 +92,17 @@ def load_recipe_model(recipe: Recipe, cls: type[JetMoePreTrainedModel] = JetMoeF
     if recipe.model.load_in_4bit:
         dtype = dtype if dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
         model = _load_model(recipe, path, cls, dtype, overrides)
-        return quantize_model_4bit(
+        model = quantize_model_4bit(
             model.to(dtype),
             quant_type=recipe.model.bnb_4bit_quant_type,
             double_quant=recipe.model.use_bnb_nested_quant,
             compute_dtype=dtype,
             device=f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu",
         )
-    return _load_model(recipe, path, cls, dtype, overrides)
+    else:
+        model = _load_model(recipe, path, cls, dtype, overrides)
+    declare_zero3_leaf_modules(model)
+    return model
 
 
 def _load_model(recipe: Recipe, path: str, cls, dtype, overrides: dict):

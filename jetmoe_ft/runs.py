@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
+from .distributed import check_launch, let_training_wrap_the_model
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -22,8 +23,10 @@ def prepare_processes() -> int:
 
     `accelerate launch` starts several local processes only for GPU-type configs; with `use_cpu` in a
     config file it does not pass `ACCELERATE_USE_CPU` on, and each process would train alone. Several
-    processes with all threads each also crawl (measured: 3.7-7 s vs 0.4 s per SFT step).
+    processes with all threads each also crawl (measured: 3.7-7 s vs 0.4 s per SFT step). FSDP and
+    DeepSpeed launches without a GPU are refused here (`distributed.check_launch`).
     """
+    check_launch()
     if torch.cuda.is_available():
         return torch.get_num_threads()
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -80,6 +83,7 @@ def evaluate(trainer, when: str) -> dict[str, float]:
     if trainer.eval_dataset is None:
         return {}
     metrics = trainer.evaluate(metric_key_prefix=f"eval_{when}")
+    let_training_wrap_the_model(trainer)
     return {key: value for key, value in metrics.items() if isinstance(value, int | float)}
 
 
