@@ -12,7 +12,7 @@ from transformers import TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
-from .distributed import check_launch, let_training_wrap_the_model
+from .distributed import check_launch, let_training_wrap_the_model, prepare_final_save
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -90,6 +90,7 @@ def evaluate(trainer, when: str) -> dict[str, float]:
 def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], headline: list[str]) -> Path:
     """Save the final model, tokenizer, effective recipe and `metrics.json`; print a short summary."""
     output_dir = Path(trainer.args.output_dir)
+    prepare_final_save(trainer)  # FSDP's sharded checkpoints: the export is still one whole model
     trainer.save_model(str(output_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(output_dir))

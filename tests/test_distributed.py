@@ -217,6 +217,15 @@ PARITY = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """The one-process runs on one thread, like each rank: tiny models only lose time to more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _launch_two_ranks(module: str, argv: list[str]) -> str:
     command = [str(Path(sys.executable).parent / "accelerate"), "launch"]
     command += ["--config_file", str(CONFIGS / "cpu_ddp.yaml"), "-m", module, *argv]
@@ -244,7 +253,7 @@ def _assert_same_training(one: Path, two: Path, atol: float = 1e-5) -> None:
         torch.testing.assert_close(weights_two[name], tensor, atol=atol, rtol=1e-4, msg=name)
 
 
-def test_sft_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path):
+def test_sft_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path, one_thread):
     from jetmoe_ft.sft import main as sft_main
 
     recipe = str(ROOT / "recipes" / "tiny" / "sft.yaml")
@@ -259,7 +268,7 @@ def test_sft_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path)
     assert JetMoeForCausalLM.from_pretrained(tmp_path / "two" / "checkpoint-2").config.num_hidden_layers == 4
 
 
-def test_dpo_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path):
+def test_dpo_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path, one_thread):
     from jetmoe_ft.dpo import main as dpo_main
 
     recipe = str(ROOT / "recipes" / "tiny" / "dpo.yaml")
@@ -273,7 +282,7 @@ def test_dpo_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path)
     _assert_same_training(tmp_path / "one", tmp_path / "two")
 
 
-def test_classifier_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path):
+def test_classifier_on_two_ranks_matches_one_process_on_the_same_global_batch(tmp_path, one_thread):
     from jetmoe_ft.cls import main as cls_main
 
     recipe = str(ROOT / "recipes" / "tiny" / "cls.yaml")
@@ -312,6 +321,8 @@ def _loss(model, ids: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def one_process():
     """Losses and final weights of `STEPS` AdamW steps on the whole batches, in one process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     model = _fresh_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.0)
     losses = []
@@ -321,6 +332,7 @@ def one_process():
         optimizer.step()
         optimizer.zero_grad()
         losses.append(loss.item())
+    torch.set_num_threads(threads)
     return losses, {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
 
 
@@ -357,6 +369,57 @@ def test_zero3_on_two_cpu_ranks_with_leaf_modules_matches_one_process(tmp_path, 
     assert sorted(result["leaves"]) == sorted(_leaf_names(2))
     assert (tmp_path / "deepspeed" / "latest").is_file()
     _assert_matches_one_process(result, tmp_path, one_process)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/gpu_check.sh: fails clearly without CUDA; its checks run on CPU with --dry-run
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(sys.modules["gpu_check"])
+    return sys.modules["gpu_check"]
+
+
+def _gpu_check(*args: str) -> tuple[int, list[dict]]:
+    env = {**os.environ, "PYTHON": sys.executable}
+    command = ["bash", str(ROOT / "bench" / "gpu_check.sh"), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    return result.returncode, [json.loads(line) for line in result.stdout.splitlines()]  # JSON lines only
+
+
+def test_gpu_benchmark_model_is_about_a_billion_parameters():
+    gpu_check = _gpu_check_module()
+    tiny = JetMoeForCausalLM(JetMoeConfig(**gpu_check.TINY_CONFIG))
+    assert gpu_check.count_parameters(gpu_check.TINY_CONFIG) == sum(p.numel() for p in tiny.parameters())
+    assert 0.9e9 < gpu_check.count_parameters(gpu_check.GPU_BENCH_CONFIG) < 1.2e9
+    assert gpu_check.settings_for(dry_run=False).bench_batch == (8, 2048)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
+def test_gpu_check_without_cuda_says_so_and_installs_nothing():
+    code, records = _gpu_check()
+    assert code == 2
+    assert records == [
+        {"check": "environment", "status": "fail", "error": pytest.approx(records[0]["error"])}
+    ]
+    assert "no CUDA device" in records[0]["error"] and "--dry-run" in records[0]["error"]
+
+
+def test_gpu_check_dry_run_runs_every_check_on_cpu():
+    code, records = _gpu_check("--dry-run")
+    statuses = {record["check"]: record["status"] for record in records}
+    assert list(statuses) == list(_gpu_check_module().CHECKS)
+    assert code == 0, records
+    assert statuses["flash_vs_sdpa"] == "skipped"  # no CUDA, no flash-attn here
+    for name in ("environment", "padding_free", "backend_parity", "train_throughput"):
+        assert statuses[name] == "ok", name
+    has_bnb = importlib.util.find_spec("bitsandbytes") is not None
+    assert statuses["qlora_step"] == ("ok" if has_bnb else "skipped")
+    throughput = records[-1]
+    assert throughput["ours_tokens_per_s"] > 0 and throughput["same_first_loss"]
 
 
 # ---------------------------------------------------------------------------------------------
