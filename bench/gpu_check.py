@@ -11,9 +11,9 @@ here (no flash-attn, no bitsandbytes, out of time) says `skipped` and why:
   bf16, on a right-padded batch; each against an fp32 reference with the same weights. flash-attn passes if
   its error is at most twice SDPA's (+1e-3): both are bf16, neither is the reference.
 - `padding_free`: sequences packed into one row (`position_ids` restarting, and `cu_seq_lens` as TRL's
-  padding-free collator passes them) get the logits each sequence gets alone: exact in fp32 (SDPA, max
-  difference <= 1e-4), within bf16 noise for SDPA and flash-attn; and the packed fp32 training loss and
-  gradients equal those of the padded batch.
+  padding-free collator passes them) get the logits each sequence gets alone: exact in fp32 (SDPA, error
+  <= 1e-5 of the largest logit), within bf16 noise for SDPA and flash-attn; and the packed fp32 training
+  loss and gradients equal those of the padded batch.
 - `backend_parity`: `moe_backend: grouped_mm` against `loop` in bf16, forward logits and the gradients of
   every trainable parameter, with expert LoRA (`jetmoe_ft.lora`) on the MoA and MoE experts and kv_proj;
   both against an fp32 `loop` reference: grouped_mm passes if its error is at most twice the loop's (+1e-3).
@@ -279,7 +279,8 @@ def check_padding_free(settings: Settings) -> dict:
         alone = torch.cat([fp32(input_ids=s[None]).logits[0] for s in sequences])
         by_positions = fp32(input_ids=packed, position_ids=position_ids).logits[0]
         result["fp32_sdpa_max_diff"] = (by_positions - alone).abs().max().item()
-        ok = result["fp32_sdpa_max_diff"] <= 1e-4
+        result["fp32_sdpa_error"] = relative_error(by_positions, alone)
+        ok = result["fp32_sdpa_error"] <= 1e-5  # fp32 rounding of differently shaped matmuls, no more
         attns = ["sdpa"] + (["flash_attention_2"] if settings.device == "cuda" and has_flash_attn() else [])
         for attn in attns:
             model = build_model(config, settings, dtype=settings.dtype, attn=attn)
