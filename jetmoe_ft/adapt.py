@@ -65,7 +65,9 @@ def adapt_model(
     num_layers, num_experts = model.config.num_hidden_layers, model.config.num_local_experts
     if getattr(model, "is_loaded_in_4bit", False):
         # QLoRA: 16-bit leftovers (norms, routers, head) in fp32 for stable updates, input grads for checkpointing
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=training.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=training.gradient_checkpointing
+        )
     if use_lora:
         experts = experts_per_router(
             adapters.lora_experts, num_layers, num_experts, selection, "lora_experts"

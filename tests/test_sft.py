@@ -148,29 +148,6 @@ def test_tokenizer_checks():
     check_tokenizer(no_pad, chats, max_length=64, pad_token="<unk>")
 
 
-def test_two_cpu_processes(tmp_path):
-    command = [
-        str(Path(sys.executable).parent / "accelerate"),
-        "launch",
-        "--config_file",
-        str(ROOT / "configs" / "cpu_ddp.yaml"),
-        "-m",
-        "jetmoe_ft.sft",
-        "--config",
-        RECIPE,
-        "--output_dir",
-        str(tmp_path),
-        "--max_steps",
-        "3",
-        "--save_strategy",
-        "no",
-        *QUICK,
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "Trained 3 steps" in result.stdout and "on 2 processes (cpu)" in result.stdout
-
-
 def test_plain_text_data(tmp_path):
     data = tmp_path / "reviews.jsonl"
     data.write_text(
