@@ -55,14 +55,27 @@ class JetMoeDPOTrainer(DPOTrainer):
     def __init__(self, model, *args, **kwargs):
         trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
         self._metric_key_prefix = "eval"
+        self._lm_heads_installed = False
         super().__init__(model, *args, **kwargs)
         self.router_loss_enabled = self.aux_loss_enabled
+        self._install_lm_heads()
+        if isinstance(self.model, PeftModel):
+            self._reference_is_base_model(trainable)
+
+    def _install_lm_heads(self) -> None:
+        """`jetmoe_lm_head` on the policy and the reference, once, after TRL has added its fused heads."""
+        if self._lm_heads_installed:
+            return
         causal_lm = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
         jetmoe_lm_head(causal_lm, self.full_logits, with_log_sum_sq_probs=self.use_weighting)
         if self.ref_model is not None:
             jetmoe_lm_head(self.accelerator.unwrap_model(self.ref_model), self.full_logits, reference=True)
-        if isinstance(self.model, PeftModel):
-            self._reference_is_base_model(trainable)
+        self._lm_heads_installed = True
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL precomputes inside its __init__, after adding its fused heads: the reference must see ours.
+        self._install_lm_heads()
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def _reference_is_base_model(self, trainable: dict[str, bool]) -> None:
         """Drop the `ref` adapter TRL copies from a model handed over already wrapped by PEFT.
@@ -435,13 +448,15 @@ def headline(trainer, metrics: dict, before: dict, after: dict) -> list[str]:
         f"{metrics['reference']}; weights held {metrics['memory/weights_mb']:.0f} MiB, peak {metrics['memory/peak_mb']:.0f} MiB."
     ]
     if after:
-        accuracy, margin = "rewards/accuracies", "rewards/margins"
-        start = f"{before[f'eval_before_{accuracy}']:.3f} before -> " if before else ""
-        start_margin = f"{before[f'eval_before_{margin}']:.3f} before -> " if before else ""
+        accuracy, margin = (f"eval_{{}}_rewards/{name}" for name in ("accuracies", "margins"))
+        was = {
+            key: f"{before[key.format('before')]:.3f} before -> " if before else ""
+            for key in (accuracy, margin)
+        }
+        note = " (before training the policy is the reference: every reward is 0, a tie, counted wrong)"
         lines.append(
-            f"Held-out reward accuracy (chosen reward > rejected; ties count as wrong, and before training every "
-            f"reward is 0): {start}{after[f'eval_after_{accuracy}']:.3f} after; mean margin {start_margin}"
-            f"{after[f'eval_after_{margin}']:.3f} after."
+            f"Held-out reward accuracy: {was[accuracy]}{after[accuracy.format('after')]:.3f} after; mean margin "
+            f"{was[margin]}{after[margin.format('after')]:.3f} after{note if before else ''}."
         )
     return lines
 

@@ -136,6 +136,8 @@ def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path):
         *("--max_steps", "6", "--learning_rate", "1e-3", "--save_strategy", "no", "--warmup_steps", "0"),
     )
     assert metrics["reference"] == "precomputed"
+    # reference log-probs precomputed with the same LM head as the policy's: exactly equal before training
+    assert metrics["eval_before_rewards/margins"] == 0.0
     assert metrics["eval_after_rewards/accuracies"] >= 0.9
     assert metrics["eval_after_rewards/margins"] > 0.1
     assert metrics["eval_after_loss"] < metrics["eval_before_loss"] - 0.05
