@@ -30,7 +30,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 
 from .adapt import adapt_model
 from .config import Recipe, RecipeError, parse_recipe
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
+from .loading import check_tokenizer, is_adapter_dir, load_recipe_model, load_recipe_tokenizer
 from .modeling.modeling_jetmoe import _router_loss_for
 from .recipe_data import load_recipe_datasets
 from .routing import add_routing_health
@@ -346,6 +346,16 @@ def uses_lora(recipe: Recipe) -> bool:
     return bool(recipe.adapters.lora_targets) or recipe.model.use_peft
 
 
+def record_stacked_base(model: torch.nn.Module, recipe: Recipe) -> None:
+    """A LoRA adapter trained on a merged start adapter names that adapter's directory as its base.
+
+    PEFT would record the start adapter's own base, and loading the DPO adapter onto it would silently
+    drop the SFT adapter; naming the directory keeps the chain (base, SFT adapter merged, DPO adapter).
+    """
+    if isinstance(model, PeftModel) and is_adapter_dir(recipe.model.model_name_or_path):
+        model.peft_config["default"].base_model_name_or_path = str(recipe.model.model_name_or_path)
+
+
 def reference_model(recipe: Recipe, model: torch.nn.Module) -> torch.nn.Module | None:
     """A frozen copy of the starting model for full-weight DPO; None when TRL needs none (LoRA: adapter
     disabled; `precompute_ref_log_probs`). Without it, TRL would reload the reference from the model's
@@ -409,6 +419,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = load_recipe_model(recipe)
     reference = reference_model(recipe, model)
     model = adapt_model(recipe, model, train_dataset=data["train"], tokenizer=tokenizer)
+    record_stacked_base(model, recipe)
 
     trainer = make_trainer(model, reference, args, data, tokenizer)
     add_routing_health(trainer)

@@ -4,16 +4,18 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import Dataset, DatasetDict
+from peft import LoraConfig, get_peft_model
 from trl import DPOConfig
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
 from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.config import RecipeError
-from jetmoe_ft.dpo import JetMoeDPOTrainer, check_preferences
+from jetmoe_ft.dpo import JetMoeDPOTrainer, check_preferences, record_stacked_base
 from jetmoe_ft.dpo import main as dpo_main
 from jetmoe_ft.runs import last_complete_checkpoint
 
@@ -301,3 +303,20 @@ def test_missing_columns_fail_in_one_line_before_the_model_loads(tmp_path):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: dataset_name")
     assert "dpo needs `chosen` + `rejected`" in errors[0] and "the data has chosen, prompt" in errors[0]
+
+
+def test_an_adapter_stacked_on_a_merged_adapter_names_it_as_base(tmp_path):
+    start = get_peft_model(
+        JetMoeForCausalLM(JetMoeConfig(**tiny_kwargs())), LoraConfig(target_modules=["kv_proj"])
+    )
+    start.save_pretrained(tmp_path / "sft-adapter")
+    stacked = get_peft_model(
+        JetMoeForCausalLM(JetMoeConfig(**tiny_kwargs())), LoraConfig(target_modules=["kv_proj"])
+    )
+    for path, expected in (
+        (tmp_path / "full", None),
+        (tmp_path / "sft-adapter", str(tmp_path / "sft-adapter")),
+    ):
+        before = stacked.peft_config["default"].base_model_name_or_path
+        record_stacked_base(stacked, SimpleNamespace(model=SimpleNamespace(model_name_or_path=str(path))))
+        assert stacked.peft_config["default"].base_model_name_or_path == (expected or before)
