@@ -50,7 +50,7 @@ class JetMoeDPOTrainer(DPOTrainer):
     """
 
     full_logits: bool | None = None
-    """Log-probabilities from the full logits (True) or TRL's chunked kernel (False); None: full logits on CPU."""
+    """Log-probabilities from plain logits (True) or TRL's chunked kernel (False); None: plain logits on CPU."""
 
     def __init__(self, model, *args, **kwargs):
         trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
@@ -130,7 +130,7 @@ def jetmoe_lm_head(
 
     - `aux_loss` is the JetMoE router loss when router logits are asked for (the policy's training forward).
     - With `full_logits` (default: on CPU) the log-probabilities come from plain logits of the scored
-      positions: TRL's chunked kernel has no fast CPU path (measured: 3x the time of a tiny DPO step).
+      positions: TRL's chunked kernel has no fast CPU path (measured: a tiny DPO step took about 3x as long).
       `reference`: `causal_lm` is a separate reference model, whose passes need log-probabilities only.
     - A forward without gradients in training mode is a reference pass (PEFT: adapter disabled); it runs in
       evaluation mode, like a separate reference model, so the routing statistics (which count training-mode
