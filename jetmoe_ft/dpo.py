@@ -31,7 +31,7 @@ from trl.trainer.utils import FusedCausalLMOutput
 from .adapt import adapt_model
 from .config import Recipe, RecipeError, parse_recipe
 from .loading import check_tokenizer, is_adapter_dir, load_recipe_model, load_recipe_tokenizer
-from .modeling.modeling_jetmoe import _router_loss_for
+from .modeling.modeling_jetmoe import router_loss_for
 from .recipe_data import load_recipe_datasets
 from .routing import add_routing_health
 from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint
@@ -155,7 +155,7 @@ def jetmoe_lm_head(
             outputs = fused_forward(*args, fused_lm_head=True, **kwargs)
         finally:
             handle.remove()
-        outputs.aux_loss = _router_loss_for(causal_lm.config, router_logits[-1], kwargs.get("attention_mask"))
+        outputs.aux_loss = router_loss_for(causal_lm.config, router_logits[-1], kwargs.get("attention_mask"))
         return outputs
 
     @functools.wraps(fused_forward)
@@ -206,7 +206,7 @@ def _head_from_logits(
                 log_sum_sq_probs = per_token(torch.logsumexp(2 * log_softmax, dim=-1))
     aux_loss = None
     if output_router_logits:
-        aux_loss = _router_loss_for(causal_lm.config, outputs.router_logits, kwargs.get("attention_mask"))
+        aux_loss = router_loss_for(causal_lm.config, outputs.router_logits, kwargs.get("attention_mask"))
     return FusedCausalLMOutput(
         loss=-scored.sum() / mask.sum().clamp(min=1),
         log_probs=per_token(scored),

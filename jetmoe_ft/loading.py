@@ -112,6 +112,7 @@ def _load_model(recipe: Recipe, path: str, cls, dtype, overrides: dict):
     if is_adapter_dir(path):
         # An adapter (e.g. the output of a LoRA SFT run) starts the next run merged into its base.
         model = load_trained_model(path, cls, merge=True, **overrides)
+        model.name_or_path = path  # an adapter trained on top records this adapter as its base
         return model.to(dtype) if dtype is not None else model
     if path in TINY_NAMES:
         model = build_tiny_model(recipe.jetmoe.model_seed, cls, **overrides)
@@ -197,6 +198,8 @@ def load_trained_model(
     base_name = config.base_model_name_or_path
     if base_name in TINY_NAMES:
         model = build_tiny_model(_recipe_seed(path), cls, **config_kwargs)
+    elif is_adapter_dir(base_name):  # an adapter trained on a merged adapter (e.g. LoRA DPO on LoRA SFT)
+        model = load_trained_model(base_name, cls, merge=True, **config_kwargs)
     else:
         model = cls.from_pretrained(base_name, **config_kwargs)
     model = PeftModel.from_pretrained(model, str(path), config=config)

@@ -339,3 +339,23 @@ def test_tiny_lora_recipe_learns_and_saves_an_adapter(tmp_path):
     loaded = load_trained_model(output_dir)
     assert len(expert_lora_layers(loaded)) == 4 * 2 * 2
     assert not any(".router." in name for name, _ in loaded.named_parameters() if "lora_" in name)
+
+
+def test_an_adapter_trained_on_a_merged_adapter_loads_with_both(tmp_path):
+    from jetmoe_ft.assets import build_tiny_model
+    from jetmoe_ft.loading import load_recipe_model
+
+    first = adapt_model(_recipe(tmp_path, "lora_targets: [moe_experts]\nlora_r: 4\n"), build_tiny_model(0))
+    _randomize_adapters(first, seed=1)
+    first.save_pretrained(tmp_path / "first")
+    recipe = _recipe(
+        tmp_path, "lora_targets: [moa_experts]\nlora_r: 4\n", "--model_name_or_path", str(tmp_path / "first")
+    )
+    second = adapt_model(recipe, load_recipe_model(recipe))
+    _randomize_adapters(second, seed=2)
+    second.eval()
+    ids = torch.randint(3, 32000, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = second(ids).logits
+    second.save_pretrained(tmp_path / "second")
+    loaded = load_trained_model(tmp_path / "second", merge=True)
+    torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=1e-5)

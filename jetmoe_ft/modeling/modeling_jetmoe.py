@@ -498,7 +498,8 @@ def jetmoe_router_loss(
     return total
 
 
-def _router_loss_for(config: JetMoeConfig, router_logits, attention_mask) -> torch.Tensor:
+def router_loss_for(config: JetMoeConfig, router_logits, attention_mask) -> torch.Tensor:
+    """The model's router loss for these router logits (padding left out when the config says so)."""
     token_mask = None
     if config.router_loss_ignore_padding and attention_mask is not None and attention_mask.ndim == 2:
         # With a cache, the mask covers past tokens too; the router logits only the new ones.
@@ -558,7 +559,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         aux_loss = None
         if output_router_logits:
-            aux_loss = _router_loss_for(self.config, outputs.router_logits, attention_mask)
+            aux_loss = router_loss_for(self.config, outputs.router_logits, attention_mask)
             if loss is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
 
@@ -631,7 +632,7 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
             )
         aux_loss = None
         if output_router_logits:
-            aux_loss = _router_loss_for(self.config, outputs.router_logits, attention_mask)
+            aux_loss = router_loss_for(self.config, outputs.router_logits, attention_mask)
             if loss is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
 
