@@ -456,7 +456,7 @@ def _row_id(dataset: Dataset, index: int):
 
 
 def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path) -> Path:
-    """Counts, with each row's share of its true class as the colour."""
+    """Counts per (true, predicted) class pair, as a heat map."""
     from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
     from sklearn.metrics import ConfusionMatrixDisplay
 
