@@ -176,6 +176,7 @@ def test_reward_model_trains_and_evaluates(tmp_path):
     out = tmp_path / "rm"
     metrics = cls_main(
         ["--config", RM_RECIPE, "--output_dir", str(out), "--max_steps", "2", "--max_train_samples", "16"]
+        + ["--model_name_or_path", "jetmoe-ft/tiny"]
         + ["--max_eval_samples", "12", "--max_length", "64", "--per_device_train_batch_size", "4"]
         + ["--save_strategy", "no", "--logging_steps", "1"]
     )
