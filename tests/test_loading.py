@@ -51,7 +51,7 @@ def test_saved_model_directory_loads_with_overrides(tmp_path):
     "overrides, message",
     [
         (("--model_name_or_path", "./no/such/dir"), "no such directory"),
-        (("--load_in_4bit", "true"), "not supported yet"),
+        (("--load_in_4bit", "true"), "4-bit weights are frozen; train LoRA on them"),
         (("--tokenizer_name_or_path", "./missing-tokenizer"), "cannot load a tokenizer"),
     ],
 )
