@@ -14,7 +14,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        lines = [f"  {name:<6} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+        lines = [f"  {name:<9} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
         usage = "usage: jetmoe-ft COMMAND --config RECIPE.yaml [--key value ...]\n\ncommands:\n" + "\n".join(
             lines
         )

@@ -33,7 +33,7 @@ from .loading import load_recipe_model, load_recipe_tokenizer
 from .modeling import JetMoeForSequenceClassification
 from .recipe_data import load_recipe_datasets
 from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint
+from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
 
 
 @dataclass
@@ -424,12 +424,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m jetmoe_ft.cls`: user mistakes are one line on stderr, not a traceback."""
-    try:
-        main(argv)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from .loading import check_tokenizer, is_adapter_dir, load_recipe_model, load_re
 from .modeling.modeling_jetmoe import router_loss_for
 from .recipe_data import load_recipe_datasets
 from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint
+from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -474,12 +474,7 @@ def headline(trainer, metrics: dict, before: dict, after: dict) -> list[str]:
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m jetmoe_ft.dpo`: user mistakes are one line on stderr, not a traceback."""
-    try:
-        main(argv)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

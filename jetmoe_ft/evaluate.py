@@ -46,12 +46,13 @@ from .config import DataArguments, RecipeError, read_recipe_file
 from .loading import (
     EMBEDDED_TOKENIZER_NAMES,
     TINY_NAMES,
-    _adapter_has_head,
+    adapter_has_head,
     is_adapter_dir,
     load_trained_model,
 )
 from .modeling import JetMoeConfig, JetMoeForSequenceClassification
 from .recipe_data import load_recipe_datasets
+from .runs import run_command
 
 N_BINS = 15
 CONFIDENCE = 0.95
@@ -195,7 +196,7 @@ def head_config(path: str | Path) -> JetMoeConfig:
     if (path / "config.json").is_file():
         return JetMoeConfig.from_pretrained(path)
     if is_adapter_dir(path):
-        if not _adapter_has_head(path):
+        if not adapter_has_head(path):
             load_trained_model(
                 path, JetMoeForSequenceClassification
             )  # raises its "no classification head" error
@@ -637,12 +638,7 @@ def write_outputs(report: dict[str, Any], rows: list[dict], output_dir: Path) ->
 
 def cli(argv: list[str] | None = None) -> int:
     """`jetmoe-ft eval-cls`: user mistakes are one line on stderr, not a traceback."""
-    try:
-        main(argv)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":

@@ -190,7 +190,7 @@ def load_trained_model(
             )
         return cls.from_pretrained(path, **config_kwargs)
     config = register_expert_lora(PeftConfig.from_pretrained(str(path)))
-    if cls.__name__.endswith("SequenceClassification") and not _adapter_has_head(path):
+    if cls.__name__.endswith("SequenceClassification") and not adapter_has_head(path):
         raise RecipeError(
             f"model: the adapter in {path} has no classification head (`score`); train it with `score` in "
             "`modules_to_save` (jetmoe-ft cls does this) or evaluate a full model directory."
@@ -206,7 +206,8 @@ def load_trained_model(
     return model.merge_and_unload() if merge else model
 
 
-def _adapter_has_head(path: Path) -> bool:
+def adapter_has_head(path: Path) -> bool:
+    """Whether a classification adapter directory saved its head (`score`, PEFT `modules_to_save`)."""
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         return False

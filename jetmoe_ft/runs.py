@@ -4,6 +4,8 @@ import json
 import math
 import os
 import re
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,13 @@ def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], head
 
 def _is_nan(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
+
+
+def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
+    """Run a loop's `main` as a command: user mistakes are one line on stderr (exit 2), not a traceback."""
+    try:
+        main(argv)
+    except RecipeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0

@@ -15,7 +15,7 @@ from .config import RecipeError, parse_recipe
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
 from .recipe_data import load_recipe_datasets
 from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint
+from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
 
 
 class JetMoeSFTTrainer(SFTTrainer):
@@ -115,12 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 def cli(argv: list[str] | None = None) -> int:
     """`python -m jetmoe_ft.sft`: user mistakes are one line on stderr, not a traceback."""
-    try:
-        main(argv)
-    except RecipeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(main, argv)
 
 
 if __name__ == "__main__":
