@@ -32,8 +32,14 @@ from .config import RecipeError, parse_recipe, read_recipe_file
 from .loading import load_recipe_model, load_recipe_tokenizer
 from .modeling import JetMoeForSequenceClassification
 from .recipe_data import load_recipe_datasets
-from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
+from .runs import (
+    finish_run,
+    prepare_processes,
+    resume_checkpoint,
+    run_command,
+    train_with_evaluations,
+    trained_line,
+)
 
 
 @dataclass
@@ -347,12 +353,9 @@ def train_classifier(recipe) -> dict[str, Any]:
         data_collator=DataCollatorWithPadding(tokenizer),
         compute_metrics=accuracy_metrics,
     )
-    add_routing_health(trainer)
-    before = evaluate(trainer, "before") if resume_from is None else {}
-    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
-    after = evaluate(trainer, "after")
+    train_metrics, before, after = train_with_evaluations(trainer, resume_from)
     metrics = {**train_metrics, **before, **after, "num_labels": len(names)}
-    headline = [_trained_line(trainer, train_metrics)]
+    headline = [trained_line(trainer, train_metrics)]
     if "test" in data:
         metrics["eval_majority_accuracy"] = majority_share(data["test"]["label"])
         if "eval_after_accuracy" in after:
@@ -386,12 +389,9 @@ def train_reward_model(recipe) -> dict[str, Any]:
         eval_dataset=data.get("test"),
         processing_class=tokenizer,
     )
-    add_routing_health(trainer)
-    before = evaluate(trainer, "before") if resume_from is None else {}
-    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
-    after = evaluate(trainer, "after")
+    train_metrics, before, after = train_with_evaluations(trainer, resume_from)
     metrics = {**train_metrics, **before, **after}
-    headline = [_trained_line(trainer, train_metrics)]
+    headline = [trained_line(trainer, train_metrics)]
     if "eval_after_accuracy" in after:
         was = f"{before['eval_before_accuracy']:.3f} before -> " if before else ""
         headline.append(
@@ -402,14 +402,6 @@ def train_reward_model(recipe) -> dict[str, Any]:
     _save_head_config(trainer, output_dir)
     print(f"Full evaluation: jetmoe-ft eval-cls --model {output_dir}")
     return metrics
-
-
-def _trained_line(trainer, train_metrics: dict[str, float]) -> str:
-    processes = trainer.accelerator.num_processes
-    return (
-        f"Trained {trainer.state.global_step} steps in {train_metrics.get('train_runtime', 0):.0f} s "
-        f"on {processes} process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type})."
-    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

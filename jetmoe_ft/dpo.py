@@ -33,8 +33,14 @@ from .config import Recipe, RecipeError, parse_recipe
 from .loading import check_tokenizer, is_adapter_dir, load_recipe_model, load_recipe_tokenizer
 from .modeling.modeling_jetmoe import router_loss_for
 from .recipe_data import load_recipe_datasets
-from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
+from .runs import (
+    finish_run,
+    prepare_processes,
+    resume_checkpoint,
+    run_command,
+    train_with_evaluations,
+    trained_line,
+)
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -422,10 +428,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     record_stacked_base(model, recipe)
 
     trainer = make_trainer(model, reference, args, data, tokenizer)
-    add_routing_health(trainer)
-    before = evaluate(trainer, "before") if resume_from is None else {}
-    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
-    after = evaluate(trainer, "after")
+    train_metrics, before, after = train_with_evaluations(trainer, resume_from)
     metrics = {
         **train_metrics,
         **before,
@@ -452,11 +455,9 @@ def make_trainer(model, reference, args: DPOConfig, data: DatasetDict, tokenizer
 
 def headline(trainer, metrics: dict, before: dict, after: dict) -> list[str]:
     """What to print at the end: steps and time, held-out reward accuracy and margin before -> after."""
-    processes = trainer.accelerator.num_processes
     lines = [
-        f"Trained {trainer.state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s on {processes} "
-        f"process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type}); reference: "
-        f"{metrics['reference']}; weights held {metrics['memory/weights_mb']:.0f} MiB, peak {metrics['memory/peak_mb']:.0f} MiB."
+        trained_line(trainer, metrics)[:-1] + f"; reference: {metrics['reference']}; weights held "
+        f"{metrics['memory/weights_mb']:.0f} MiB, peak {metrics['memory/peak_mb']:.0f} MiB."
     ]
     if after:
         accuracy, margin = (f"eval_{{}}_rewards/{name}" for name in ("accuracies", "margins"))

@@ -15,6 +15,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
 from .distributed import check_launch, let_training_wrap_the_model, prepare_final_save
+from .routing import add_routing_health
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -87,6 +88,26 @@ def evaluate(trainer, when: str) -> dict[str, float]:
     metrics = trainer.evaluate(metric_key_prefix=f"eval_{when}")
     let_training_wrap_the_model(trainer)
     return {key: value for key, value in metrics.items() if isinstance(value, int | float)}
+
+
+def train_with_evaluations(trainer, resume_from: str | None) -> tuple[dict, dict, dict]:
+    """Routing health on, held-out evaluation before (fresh runs only) and after training.
+
+    Returns (train metrics, before, after)."""
+    add_routing_health(trainer)
+    before = evaluate(trainer, "before") if resume_from is None else {}
+    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+    after = evaluate(trainer, "after")
+    return train_metrics, before, after
+
+
+def trained_line(trainer, train_metrics: dict[str, Any]) -> str:
+    """`Trained N steps in T s on P processes (device).`"""
+    processes = trainer.accelerator.num_processes
+    return (
+        f"Trained {trainer.state.global_step} steps in {train_metrics.get('train_runtime', 0):.0f} s "
+        f"on {processes} process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type})."
+    )
 
 
 def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], headline: list[str]) -> Path:

@@ -14,8 +14,14 @@ from .adapt import adapt_model
 from .config import RecipeError, parse_recipe
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
 from .recipe_data import load_recipe_datasets
-from .routing import add_routing_health
-from .runs import evaluate, finish_run, prepare_processes, resume_checkpoint, run_command
+from .runs import (
+    finish_run,
+    prepare_processes,
+    resume_checkpoint,
+    run_command,
+    train_with_evaluations,
+    trained_line,
+)
 
 
 class JetMoeSFTTrainer(SFTTrainer):
@@ -93,17 +99,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=data.get("test"),
         processing_class=tokenizer,
     )
-    add_routing_health(trainer)
-    before = evaluate(trainer, "before") if resume_from is None else {}
-    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
-    after = evaluate(trainer, "after")
+    train_metrics, before, after = train_with_evaluations(trainer, resume_from)
     metrics = {**train_metrics, **before, **after}
 
-    processes = trainer.accelerator.num_processes
-    headline = [
-        f"Trained {trainer.state.global_step} steps in {train_metrics.get('train_runtime', 0):.0f} s "
-        f"on {processes} process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type})."
-    ]
+    headline = [trained_line(trainer, train_metrics)]
     if before and after:
         headline.append(
             f"Held-out loss (next token, assistant turns): {before['eval_before_loss']:.3f} before -> "
