@@ -14,7 +14,6 @@ import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
-from trl import get_peft_config
 
 from .config import Recipe, RecipeError
 from .freezing import frozen_router_names, restrict_expert_updates
@@ -78,8 +77,8 @@ def adapt_model(
             experts = experts_per_router(
                 adapters.finetune_experts, num_layers, num_experts, selection, "finetune_experts"
             )
-            for name, module in _expert_modules(model).items():
-                restrict_expert_updates(module, experts[name])
+            for router, module in _expert_modules(model):
+                restrict_expert_updates(module, experts[router])
         modules = dict(model.named_modules())
         for name in frozen_router_names(model, frozen):
             modules[name].weight.requires_grad_(False)
@@ -143,19 +142,14 @@ def lora_config_for(
     _check_raw_targets(model, raw_targets)
     if not targets:
         raise RecipeError("lora_targets / lora_experts: no module left to adapt; choose at least one expert.")
-    base = get_peft_config(model_args) if model_args.use_peft else None
-    kwargs = {}
-    if base is not None:
-        kwargs = {
-            key: getattr(base, key)
-            for key in ("r", "lora_alpha", "lora_dropout", "use_rslora", "use_dora", "bias")
-        }
-    else:
-        kwargs = {
-            "r": model_args.lora_r,
-            "lora_alpha": model_args.lora_alpha,
-            "lora_dropout": model_args.lora_dropout,
-        }
+    # TRL's LoRA fields, also when `lora_targets` alone turned LoRA on
+    kwargs = {
+        "r": model_args.lora_r,
+        "lora_alpha": model_args.lora_alpha,
+        "lora_dropout": model_args.lora_dropout,
+        "use_rslora": model_args.use_rslora,
+        "use_dora": model_args.use_dora,
+    }
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     config = LoraConfig(
         task_type=task_type,
@@ -212,21 +206,14 @@ def _check_raw_targets(model: nn.Module, raw_targets: list[str]) -> None:
             )
 
 
-def _expert_modules(model: nn.Module) -> dict[tuple[int, str], JetMoeParallelExperts]:
-    """Every expert projection, grouped under its router (layer, kind); two per router."""
-    found: dict[tuple[int, str], list] = defaultdict(list)
+def _expert_modules(model: nn.Module) -> list[tuple[tuple[int, str], JetMoeParallelExperts]]:
+    """Every expert projection with its router (layer, kind); two per router."""
+    found = []
     for name, module in model.named_modules():
         match = _EXPERTS_NAME.search(name)
         if match and isinstance(module, JetMoeParallelExperts):
-            found[(int(match.group(1)), _KIND[match.group(2)])].append(module)
-    return _Flattened(found)
-
-
-class _Flattened(dict):
-    """(router, module) pairs from a router -> [modules] mapping."""
-
-    def items(self):
-        return [(router, module) for router, modules in super().items() for module in modules]
+            found.append(((int(match.group(1)), _KIND[match.group(2)]), module))
+    return found
 
 
 GROUPS = ("MoA experts", "MoE experts", "kv_proj", "routers", "heads", "other")

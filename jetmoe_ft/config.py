@@ -274,6 +274,10 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         owner = next(group for group in parsed if hasattr(group, key))
         values[key] = _plain(getattr(owner, key))
     data, training, model, jetmoe, adapters, *task = parsed
+    if jetmoe.aux_loss_coef is not None and getattr(training, "router_aux_loss_coef", None) is not None:
+        raise RecipeError(
+            "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
+        )
     return Recipe(
         data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values
     )

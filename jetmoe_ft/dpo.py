@@ -412,10 +412,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_processes()
     recipe = parse_recipe(DPOConfig, argv)
     args = recipe.training
-    if recipe.jetmoe.aux_loss_coef is not None and args.router_aux_loss_coef is not None:
-        raise RecipeError(
-            "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
-        )
 
     data = load_recipe_datasets(recipe.data, "dpo", seed=args.seed)
     tokenizer = load_recipe_tokenizer(recipe)

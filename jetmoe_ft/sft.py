@@ -11,7 +11,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from trl import SFTConfig, SFTTrainer
 
 from .adapt import adapt_model
-from .config import RecipeError, parse_recipe
+from .config import parse_recipe
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
 from .recipe_data import load_recipe_datasets
 from .runs import (
@@ -81,10 +81,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_processes()
     recipe = parse_recipe(SFTConfig, argv)
     args = recipe.training
-    if recipe.jetmoe.aux_loss_coef is not None and args.router_aux_loss_coef is not None:
-        raise RecipeError(
-            "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
-        )
 
     data = load_recipe_datasets(recipe.data, "sft", seed=args.seed, text_field=args.dataset_text_field)
     tokenizer = load_recipe_tokenizer(recipe)

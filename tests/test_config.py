@@ -106,3 +106,9 @@ def test_recipe_keys_cover_every_group():
     keys = recipe_keys(SFTConfig)
     for key in ("learning_rate", "model_name_or_path", "dataset_name", "moe_backend", "router_z_loss_coef"):
         assert key in keys
+
+
+def test_router_loss_weight_is_set_once(tmp_path):
+    path = _write(tmp_path, "aux_loss_coef: 0.01\nrouter_aux_loss_coef: 0.02\n")
+    with pytest.raises(RecipeError, match="Set the router loss weight once"):
+        parse_recipe(SFTConfig, ["--config", str(path), "--output_dir", str(tmp_path)])
