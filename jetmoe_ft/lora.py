@@ -186,8 +186,11 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             x = self.lora_dropout[adapter](rows).to(weight_a.dtype)
             dtype = compute_dtype(x)
             # scaling on the [M, r] low-rank rows and an in-place add: no extra pass over the [M, out] output
-            low_rank = _factor_linear(backend, weight_a, dtype)(x, weight_a, routing) * self.scaling[adapter]
-            update = _factor_linear(backend, weight_b, dtype)(low_rank, weight_b, routing)
+            low_rank = (
+                _factor_linear(backend, weight_a, dtype, routing)(x, weight_a, routing)
+                * self.scaling[adapter]
+            )
+            update = _factor_linear(backend, weight_b, dtype, routing)(low_rank, weight_b, routing)
             result = result.add_(update.to(result.dtype))
         return result
 
@@ -195,11 +198,12 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype):
-    """The layer's backend for a LoRA factor, or the loop where a small rank breaks grouped_mm's alignment."""
+def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting):
+    """The layer's backend for a LoRA factor and this call's routing (unsorted rows: the rows backend), or
+    the loop where a small rank breaks grouped_mm's alignment."""
     if backend == "grouped_mm" and not grouped_mm_supported(factor, dtype):
         backend = "loop"
-    return resolve_backend(backend, factor, dtype)
+    return resolve_backend(backend, factor, dtype, routing)
 
 
 def register_expert_lora(config: LoraConfig) -> LoraConfig:

@@ -5,9 +5,10 @@ and the routers (and bitsandbytes' CPU kernel rejects the routers' 8 outputs), w
 the weights, stay in 16 bits. Here the dense projections (`kv_proj`) become bitsandbytes `Linear4bit`, and
 every `JetMoeParallelExperts` becomes `JetMoeParallelExperts4bit`: each expert's `[out, in]` matrix is
 quantized on its own (so it can be dequantized alone), and dequantized inside the dispatch — one expert
-at a time by the loop backend, the whole layer at once for `grouped_mm` — in the forward and again in
-the backward, so no 16-bit copy of a frozen expert outlives its matmul. Routers, norms, biases and the
-head stay in 16 bits (they are small). Expert LoRA (`jetmoe_ft.lora`) adds its trainable factors on top.
+at a time by the loop backend and for the few unsorted rows of decoding, the whole layer at once for
+`grouped_mm` — in the forward and again in the backward, so no 16-bit copy of a frozen expert outlives its
+matmul. Routers, norms, biases and the head stay in 16 bits (they are small). Expert LoRA
+(`jetmoe_ft.lora`) adds its trainable factors on top.
 """
 
 from __future__ import annotations
@@ -104,6 +105,12 @@ def _expert_linear_4bit(
     """`rows[r] @ W_e.T` (or `@ W_e` with `transpose`) for every row r of expert e, W dequantized here."""
     dtype = experts.compute_dtype
     rows = rows.to(dtype)
+    if not routing.grouped:  # few unsorted rows (decoding): dequantize only the experts they chose
+        outputs = []
+        for r, e in enumerate(routing.row_expert.tolist()):
+            weight = experts.dequantize(e)
+            outputs.append(rows[r : r + 1] @ weight if transpose else F.linear(rows[r : r + 1], weight))
+        return torch.cat(outputs, dim=0)
     use_grouped = experts.backend != "loop" and grouped_mm_supported(
         experts.weight_4bit.new_empty((1, experts.output_size, experts.input_size), dtype=dtype), dtype
     )

@@ -1,10 +1,12 @@
-"""Expert dispatch: sort (token, slot) pairs by expert once per router, then run every expert's matmul.
+"""Expert dispatch: lay out the (token, slot) pairs of one router as rows, then run every expert's matmul.
 
-A router picks k experts for each of N tokens: N·k (token, slot) pairs. `sort_by_expert` lays them out
-in one buffer of rows grouped by expert (each group optionally padded to a multiple of `row_multiple`
-rows, so matmul shapes repeat between steps), without a host sync and with static shapes, so the
-layer compiles into one graph. Each backend computes `rows_out[r] = weight[expert of r] @ rows_in[r]`
-with the same signature; the loop is the reference the others are tested against.
+A router picks k experts for each of N tokens: N·k (token, slot) pairs. For many pairs, `sort_by_expert`
+lays them out in one buffer of rows grouped by expert (each group optionally padded to a multiple of
+`row_multiple` rows, so matmul shapes repeat between steps), without a host sync and with static shapes,
+so the layer compiles into one graph. For few pairs (decoding, small batches) `route_rows` keeps them in
+(token, slot) order, one row each, with no sort and no padding: sorting costs more than it saves there.
+Each backend computes `rows_out[r] = weight[expert of r] @ rows_in[r]` with the same signature; the
+loop is the reference the others are tested against.
 """
 
 from collections.abc import Callable
@@ -29,6 +31,13 @@ class ExpertRouting:
     top_k: int
     row_slot_or_end: torch.Tensor
     """[M] like `row_slot`, but padding rows hold N·k (one past the last pair): gradients skip them."""
+    row_expert: torch.Tensor | None = None
+    """[N·k] the expert of each row when rows are unsorted (`route_rows`); None when grouped by expert."""
+
+    @property
+    def grouped(self) -> bool:
+        """Whether rows are grouped by expert (`sort_by_expert`) rather than one per pair in order."""
+        return self.row_expert is None
 
     @property
     def row_token(self) -> torch.Tensor:
@@ -68,6 +77,25 @@ def sort_by_expert(expert_index: torch.Tensor, num_experts: int, row_multiple: i
     return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k, row_slot_or_end)
 
 
+def route_rows(expert_index: torch.Tensor, num_experts: int) -> ExpertRouting:
+    """The (token, slot) pairs of `expert_index` [N, k] as rows in their own order: no sort, no padding.
+
+    `group_ends` still holds each expert's cumulative row count, for code that reads it as statistics.
+    """
+    num_tokens, top_k = expert_index.shape
+    flat_expert = expert_index.reshape(-1)
+    counts = torch.bincount(flat_expert, minlength=num_experts)
+    identity = torch.arange(flat_expert.numel(), device=flat_expert.device)
+    return ExpertRouting(
+        identity, identity, counts.cumsum(0).to(torch.int32), counts, top_k, identity, row_expert=flat_expert
+    )
+
+
+def few_rows(num_slots: int, num_experts: int) -> bool:
+    """Whether `route_rows` beats sorting: at most one row per expert on average (decoding, small batches)."""
+    return num_slots <= num_experts
+
+
 class _GatherRows(torch.autograd.Function):
     """`source[index]` whose gradient is a gather too, `grad[inverse]` summed over each `group` of
     consecutive entries, where indexing's own backward zero-fills the source and scatter-adds into it.
@@ -91,17 +119,23 @@ class _GatherRows(torch.autograd.Function):
 
 
 def token_rows(tokens: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """[N, D] tokens -> [M, D] expert-sorted rows (each token once per chosen expert)."""
+    """[N, D] tokens -> [M, D] rows (each token once per chosen expert)."""
+    if not routing.grouped:
+        return tokens.repeat_interleave(routing.top_k, dim=0)
     return _GatherRows.apply(tokens, routing.row_token, routing.slot_row, routing.top_k, False)
 
 
 def slot_rows(slots: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """[N·k, D] (token, slot) pairs -> [M, D] expert-sorted rows."""
+    """[N·k, D] (token, slot) pairs -> [M, D] rows."""
+    if not routing.grouped:
+        return slots
     return _GatherRows.apply(slots, routing.row_slot, routing.slot_row, 1, False)
 
 
 def rows_to_slots(rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """[M, D] expert-sorted rows -> [N·k, D] (token, slot) pairs; padding rows get no gradient."""
+    """[M, D] rows -> [N·k, D] (token, slot) pairs; padding rows get no gradient."""
+    if not routing.grouped:
+        return rows
     padded = routing.row_slot_or_end.shape[0] != routing.slot_row.shape[0]
     return _GatherRows.apply(rows, routing.slot_row, routing.row_slot_or_end, 1, padded)
 
@@ -183,11 +217,26 @@ def grouped_mm_expert_linear(
     return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
 
 
+def rows_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    """Few unsorted rows (`route_rows`): each row times its own expert's weight, reading only chosen experts."""
+    row_expert = routing.row_expert if routing.row_expert is not None else routing.row_slot.new_empty(0)
+    if not routing.grouped and torch.compiler.is_compiling():
+        # One fused gather-multiply-reduce kernel: a gathered copy of the weights would triple the bytes read.
+        dtype = compute_dtype(rows)
+        return (weight[row_expert].to(dtype) * rows.to(dtype)[:, None, :]).sum(-1)
+    if routing.grouped:  # grouped rows: every row's expert, from the groups
+        positions = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)
+        row_expert = torch.searchsorted(routing.group_ends, positions, right=True)
+    experts = row_expert.tolist()
+    return torch.cat([F.linear(rows[r : r + 1], weight[e]) for r, e in enumerate(experts)])
+
+
 ExpertLinear = Callable[[torch.Tensor, torch.Tensor, ExpertRouting], torch.Tensor]
 
 EXPERT_BACKENDS: dict[str, ExpertLinear] = {
     "loop": loop_expert_linear,
     "grouped_mm": grouped_mm_expert_linear,
+    "rows": rows_expert_linear,
 }
 
 
@@ -208,8 +257,13 @@ def grouped_mm_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
     return dtype_ok and (in_features * itemsize) % 16 == 0 and (out_features * itemsize) % 16 == 0
 
 
-def resolve_backend(name: str, weight: torch.Tensor, dtype: torch.dtype) -> ExpertLinear:
-    """The expert matmul for `moe_backend=name`; `auto` takes grouped_mm where it runs, else the loop."""
+def resolve_backend(
+    name: str, weight: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting | None = None
+) -> ExpertLinear:
+    """The expert matmul for `moe_backend=name` and this call's `routing`: unsorted rows take the rows
+    backend; otherwise `auto` takes grouped_mm where it runs, else the loop."""
+    if routing is not None and not routing.grouped:
+        return rows_expert_linear
     if name == "auto":
         name = "grouped_mm" if grouped_mm_supported(weight, dtype) else "loop"
     return EXPERT_BACKENDS[name]

@@ -1,3 +1,16 @@
+# Copyright 2026 The jetmoe-ft Authors, JetMoe AI and The HuggingFace Inc. team. All rights reserved.
+#
+# Licensed under the Apache License, Version 2.0 (the "License");
+# you may not use this file except in compliance with the License.
+# You may obtain a copy of the License at
+#
+#     http://www.apache.org/licenses/LICENSE-2.0
+#
+# Unless required by applicable law or agreed to in writing, software
+# distributed under the License is distributed on an "AS IS" BASIS,
+# WITHOUT WARRANTIES OR CONDITIONS OF ANY KIND, either express or implied.
+# See the License for the specific language governing permissions and
+# limitations under the License.
 """JetMoE: Mixture of Attention heads (MoA) and Mixture of MLP experts (MoE) in every block.
 
 Checkpoint-compatible with transformers' JetMoe (same state-dict names, `[E, out, in]` experts), with
@@ -7,6 +20,7 @@ transformers' attention interface, exact packed sequences, and the original JetM
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -20,15 +34,18 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput, can_return_tuple, logging
 from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_jetmoe import JetMoeConfig
 from .experts import (
     ExpertRouting,
     compute_dtype,
     default_row_multiple,
+    few_rows,
     resolve_backend,
+    route_rows,
     rows_to_slots,
     slot_rows,
     sort_by_expert,
@@ -131,16 +148,15 @@ class JetMoeParallelExperts(nn.Module):
         self.backend = backend
 
     def forward(self, rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-        expert_linear = resolve_backend(self.backend, self.weight, compute_dtype(rows))
+        expert_linear = resolve_backend(self.backend, self.weight, compute_dtype(rows), routing)
         return expert_linear(rows, self.weight, routing)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, in={self.input_size}, out={self.output_size}, backend={self.backend}"
 
 
-@dataclass
-class RouterDecision:
-    """What one router decided for N tokens."""
+class RouterDecision(NamedTuple):
+    """What one router decided for N tokens (a tuple, so output recorders find the logits at index 0)."""
 
     logits: torch.Tensor  # [N, E] fp32
     gates: torch.Tensor  # [N, k] softmax over the top-k logits, in the activation dtype
@@ -148,22 +164,37 @@ class RouterDecision:
 
 
 class JetMoeTopKGating(nn.Module):
-    """Top-k router: fp32 logits, top-k on the logits, softmax over the k chosen logits only."""
+    """Top-k router: fp32 logits, top-k on the logits, softmax over the k chosen logits only.
 
-    def __init__(self, input_size: int, num_experts: int, top_k: int, row_multiple: int | None = None):
+    With the `auto` backend, few (token, slot) pairs stay unsorted (`route_rows`: decoding), many are
+    grouped by expert (`sort_by_expert`); any other backend always groups them.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        num_experts: int,
+        top_k: int,
+        row_multiple: int | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         self.num_experts = num_experts
         self.input_size = input_size
         self.top_k = top_k
         self.row_multiple = row_multiple
+        self.backend = backend
         self.layer = nn.Linear(input_size, num_experts, bias=False)
 
     def forward(self, hidden_states: torch.Tensor) -> RouterDecision:
         logits = self.layer(hidden_states).float()
         top_k_logits, top_k_indices = logits.topk(self.top_k, dim=-1)
         gates = torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)
+        num_slots = top_k_indices.numel()
+        if self.backend == "auto" and few_rows(num_slots, self.num_experts):
+            return RouterDecision(logits, gates, route_rows(top_k_indices, self.num_experts))
         row_multiple = self.row_multiple or default_row_multiple(
-            hidden_states.device, compute_dtype(hidden_states), top_k_indices.numel(), self.num_experts
+            hidden_states.device, compute_dtype(hidden_states), num_slots, self.num_experts
         )
         routing = sort_by_expert(top_k_indices, self.num_experts, row_multiple)
         return RouterDecision(logits, gates, routing)
@@ -188,7 +219,7 @@ class JetMoeMoE(nn.Module):
         self.input_linear = JetMoeParallelExperts(num_experts, self.input_size, self.hidden_size * 2, backend)
         self.output_linear = JetMoeParallelExperts(num_experts, self.hidden_size, self.input_size, backend)
         self.router = JetMoeTopKGating(
-            self.input_size, num_experts, config.num_experts_per_tok, config.expert_row_multiple
+            self.input_size, num_experts, config.num_experts_per_tok, config.expert_row_multiple, backend
         )
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,7 +252,7 @@ class JetMoeMoA(nn.Module):
             self.num_experts, self.hidden_size, self.input_size, backend
         )
         self.router = JetMoeTopKGating(
-            self.input_size, self.num_experts, self.top_k, config.expert_row_multiple
+            self.input_size, self.num_experts, self.top_k, config.expert_row_multiple, backend
         )
 
     def map(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, RouterDecision]:
@@ -272,7 +303,7 @@ class JetMoeAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch, seq_len, _ = hidden_states.shape
         kv_heads, top_k, head_dim = self.num_key_value_heads, self.top_k, self.head_dim
 
@@ -305,7 +336,9 @@ class JetMoeAttention(nn.Module):
         # [b, t, kv_heads * k, d] -> [b, t, k, kv_heads * d], the layout of each attention expert's input.
         attn_output = attn_output.reshape(batch, seq_len, kv_heads, top_k, head_dim).transpose(2, 3)
         attn_output = attn_output.reshape(batch, seq_len, top_k, kv_heads * head_dim)
-        return self.experts.reduce(attn_output, decision), attn_weights, decision.logits
+        if attn_weights is not None:  # returned heads in transformers' order: slot-major, (slot, h)
+            attn_weights = attn_weights.unflatten(1, (kv_heads, top_k)).transpose(1, 2).flatten(1, 2)
+        return self.experts.reduce(attn_output, decision), attn_weights
 
 
 class JetMoeDecoderLayer(GradientCheckpointingLayer):
@@ -325,10 +358,9 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states, the MoA and MoE router logits, and the attention weights."""
+    ) -> torch.Tensor:
         residual = hidden_states
-        hidden_states, attn_weights, attention_router_logits = self.self_attention(
+        hidden_states, _ = self.self_attention(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -337,9 +369,8 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states, mlp_router_logits = self.mlp(self.post_attention_layernorm(hidden_states))
-        hidden_states = residual + hidden_states
-        return hidden_states, attention_router_logits, mlp_router_logits, attn_weights
+        hidden_states, _ = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states
 
 
 class JetMoePreTrainedModel(PreTrainedModel):
@@ -351,6 +382,14 @@ class JetMoePreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # the auto and grouped_mm dispatch have no host sync under torch.compile
+    # Outputs are recorded by forward hooks (transformers' `capture_outputs`), in the order the modules run:
+    # per layer the MoA router, then the MoE router.
+    _can_record_outputs = {
+        "router_logits": OutputRecorder(JetMoeTopKGating, index=0),
+        "hidden_states": JetMoeDecoderLayer,
+        "attentions": OutputRecorder(JetMoeAttention, index=1),
+    }
 
     def _init_weights(self, module: nn.Module):
         super()._init_weights(module)
@@ -387,6 +426,7 @@ class JetMoeModel(JetMoePreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @capture_outputs
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -396,21 +436,14 @@ class JetMoeModel(JetMoePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
+        """`output_hidden_states` (a flag, or the indices of the hidden states to keep), `output_attentions`,
+        `output_router_logits` and `return_dict` are read by `capture_outputs` (config values by default)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = (
-            config.output_hidden_states if output_hidden_states is None else output_hidden_states
-        )
-        if output_router_logits is None:
-            output_router_logits = config.output_router_logits
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False  # the replayed forward would write the cache twice
         if use_cache and cache is None:
@@ -440,11 +473,8 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
-        all_hidden_states, all_attentions, all_router_logits = (), (), ()
         for decoder_layer in self.layers:
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            hidden_states, attention_router_logits, mlp_router_logits, attn_weights = decoder_layer(
+            hidden_states = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -453,20 +483,8 @@ class JetMoeModel(JetMoePreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
-            all_router_logits += (attention_router_logits, mlp_router_logits)
-            if output_attentions:
-                all_attentions += (attn_weights,)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        return MoeModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            cache=cache if use_cache else None,
-            hidden_states=all_hidden_states or None,
-            attentions=all_attentions or None,
-            router_logits=all_router_logits if output_router_logits else None,
-        )
+        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
 
 
 def jetmoe_router_loss(
@@ -520,6 +538,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -545,6 +564,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,  # a tuple only at the top, even when `config.return_dict` is False
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -595,6 +615,7 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         self.score = nn.Linear(config.hidden_size, self.num_labels, bias=False)
         self.post_init()
 
+    @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
@@ -618,6 +639,7 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_router_logits=output_router_logits,
+            return_dict=True,  # a tuple only at the top, even when `config.return_dict` is False
             **kwargs,
         )
         logits = self.score(outputs.last_hidden_state)
