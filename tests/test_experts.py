@@ -5,10 +5,15 @@ from jetmoe_ft.modeling import JetMoeConfig
 from jetmoe_ft.modeling.experts import (
     EXPERT_BACKENDS,
     default_row_multiple,
+    few_rows,
     grouped_mm_expert_linear,
     loop_expert_linear,
     resolve_backend,
+    route_rows,
+    rows_expert_linear,
+    rows_to_slots,
     sort_by_expert,
+    token_rows,
 )
 from jetmoe_ft.modeling.modeling_jetmoe import JetMoeMoE
 
@@ -108,3 +113,36 @@ def test_loop_is_the_backend_where_grouped_mm_cannot_run():
     assert default_row_multiple(torch.device("cpu"), torch.bfloat16, 4096, 8) == 64
     assert default_row_multiple(torch.device("cpu"), torch.bfloat16, 4, 8) == 1  # decoding: no padding
     assert default_row_multiple(torch.device("cpu"), torch.float32, 4096, 8) == 1
+
+
+def test_unsorted_rows_match_a_plain_per_token_computation():
+    """`route_rows` (few pairs, no sort): the rows backend forward and backward, eager and traced."""
+    num_tokens, num_experts, top_k, d_in, d_out = 3, 8, 2, 16, 12
+    index = _random_choice(num_tokens, num_experts, top_k, seed=2)
+    routing = route_rows(index, num_experts)
+    assert (
+        not routing.grouped and few_rows(index.numel(), num_experts) and not few_rows(9 * top_k, num_experts)
+    )
+    assert torch.equal(routing.expert_counts, torch.bincount(index.reshape(-1), minlength=num_experts))
+    weight = torch.randn(num_experts, d_out, d_in, requires_grad=True)
+    for backend in (
+        "loop",
+        "grouped_mm",
+        "auto",
+    ):  # whatever the layer's backend, unsorted rows take this one
+        assert resolve_backend(backend, weight, torch.float32, routing) is rows_expert_linear
+    x = torch.randn(num_tokens, d_in, requires_grad=True)
+    expected = torch.einsum("nkoi,ni->nko", weight[index], x).reshape(-1, d_out)
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (x, weight), upstream)
+
+    def forward(x, weight):
+        return rows_to_slots(rows_expert_linear(token_rows(x, routing), weight, routing), routing)
+
+    traced = torch.compile(forward, backend="aot_eager", fullgraph=True)  # the compiled, fused formulation
+    for run in (forward, traced):
+        out = run(x, weight)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        grads = torch.autograd.grad(out, (x, weight), upstream)
+        for got, want in zip(grads, expected_grads, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
