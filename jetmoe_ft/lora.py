@@ -23,7 +23,8 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .modeling.experts import ExpertRouting, compute_dtype, grouped_mm_supported, resolve_backend
+from .compat import register_custom_lora_module
+from .modeling.experts import Routing, compute_dtype, grouped_mm_supported, resolve_backend
 from .modeling.modeling_jetmoe import JetMoeParallelExperts
 
 MOA_EXPERTS = ("self_attention.experts.input_linear", "self_attention.experts.output_linear")
@@ -168,7 +169,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
             if adapter in self.lora_A:
                 base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
 
-    def forward(self, rows: torch.Tensor, routing: ExpertRouting, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         if kwargs.pop("adapter_names", None) is not None:
             raise ValueError("Expert LoRA does not support mixed adapter batches (`adapter_names`).")
         if self.disable_adapters:
@@ -198,7 +199,7 @@ class ExpertLoraLayer(nn.Module, LoraLayer):
         return "lora." + super().__repr__()
 
 
-def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting):
+def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype, routing: Routing):
     """The layer's backend for a LoRA factor and this call's routing (unsorted rows: the rows backend), or
     the loop where a small rank breaks grouped_mm's alignment."""
     if backend == "grouped_mm" and not grouped_mm_supported(factor, dtype):
@@ -208,7 +209,7 @@ def _factor_linear(backend: str, factor: torch.Tensor, dtype: torch.dtype, routi
 
 def register_expert_lora(config: LoraConfig) -> LoraConfig:
     """Let `config` put `ExpertLoraLayer` on every targeted `JetMoeParallelExperts` (PEFT does not save this)."""
-    config._register_custom_module({JetMoeParallelExperts: ExpertLoraLayer})
+    register_custom_lora_module(config, {JetMoeParallelExperts: ExpertLoraLayer})
     return config
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modeling.experts import ExpertRouting, grouped_mm_supported
+from .modeling.experts import Routing, grouped_mm_supported
 from .modeling.modeling_jetmoe import JetMoeParallelExperts
 
 QUANT_TYPES = ("nf4", "fp4")
@@ -92,7 +92,7 @@ class JetMoeParallelExperts4bit(JetMoeParallelExperts):
         ]
         return weights[0] if expert is not None else torch.stack(weights)
 
-    def forward(self, rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, routing: Routing) -> torch.Tensor:
         return _Dequantized4bitLinear.apply(rows, self, routing)
 
     def extra_repr(self) -> str:
@@ -100,7 +100,7 @@ class JetMoeParallelExperts4bit(JetMoeParallelExperts):
 
 
 def _expert_linear_4bit(
-    rows: torch.Tensor, experts: JetMoeParallelExperts4bit, routing: ExpertRouting, transpose: bool
+    rows: torch.Tensor, experts: JetMoeParallelExperts4bit, routing: Routing, transpose: bool
 ) -> torch.Tensor:
     """`rows[r] @ W_e.T` (or `@ W_e` with `transpose`) for every row r of expert e, W dequantized here."""
     dtype = experts.compute_dtype

@@ -11,6 +11,7 @@ loop is the reference the others are tested against.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +32,7 @@ class ExpertRouting:
     top_k: int
     row_slot_or_end: torch.Tensor
     """[M] like `row_slot`, but padding rows hold N·k (one past the last pair): gradients skip them."""
-    row_expert: torch.Tensor | None = None
-    """[N·k] the expert of each row when rows are unsorted (`route_rows`); None when grouped by expert."""
-
-    @property
-    def grouped(self) -> bool:
-        """Whether rows are grouped by expert (`sort_by_expert`) rather than one per pair in order."""
-        return self.row_expert is None
+    grouped: ClassVar[bool] = True
 
     @property
     def row_token(self) -> torch.Tensor:
@@ -77,18 +72,28 @@ def sort_by_expert(expert_index: torch.Tensor, num_experts: int, row_multiple: i
     return ExpertRouting(row_slot, slot_row, group_ends, counts, top_k, row_slot_or_end)
 
 
-def route_rows(expert_index: torch.Tensor, num_experts: int) -> ExpertRouting:
-    """The (token, slot) pairs of `expert_index` [N, k] as rows in their own order: no sort, no padding.
+@dataclass
+class RowRouting:
+    """Few (token, slot) pairs as rows in their own order, one row each: no sort, no padding, no extra op."""
 
-    `group_ends` still holds each expert's cumulative row count, for code that reads it as statistics.
-    """
-    num_tokens, top_k = expert_index.shape
-    flat_expert = expert_index.reshape(-1)
-    counts = torch.bincount(flat_expert, minlength=num_experts)
-    identity = torch.arange(flat_expert.numel(), device=flat_expert.device)
-    return ExpertRouting(
-        identity, identity, counts.cumsum(0).to(torch.int32), counts, top_k, identity, row_expert=flat_expert
-    )
+    row_expert: torch.Tensor
+    """[N·k] the expert of each row (row r is token r // k, slot r % k)."""
+    num_experts: int
+    top_k: int
+    grouped: ClassVar[bool] = False
+
+    @property
+    def expert_counts(self) -> torch.Tensor:
+        """[E] number of (token, slot) pairs routed to each expert."""
+        return torch.bincount(self.row_expert, minlength=self.num_experts)
+
+
+Routing = ExpertRouting | RowRouting
+
+
+def route_rows(expert_index: torch.Tensor, num_experts: int) -> RowRouting:
+    """The (token, slot) pairs of `expert_index` [N, k] as rows in their own order."""
+    return RowRouting(expert_index.reshape(-1), num_experts, expert_index.shape[1])
 
 
 def few_rows(num_slots: int, num_experts: int) -> bool:
@@ -118,21 +123,21 @@ class _GatherRows(torch.autograd.Function):
         return grad_source, None, None, None, None
 
 
-def token_rows(tokens: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+def token_rows(tokens: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[N, D] tokens -> [M, D] rows (each token once per chosen expert)."""
     if not routing.grouped:
         return tokens.repeat_interleave(routing.top_k, dim=0)
     return _GatherRows.apply(tokens, routing.row_token, routing.slot_row, routing.top_k, False)
 
 
-def slot_rows(slots: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+def slot_rows(slots: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[N·k, D] (token, slot) pairs -> [M, D] rows."""
     if not routing.grouped:
         return slots
     return _GatherRows.apply(slots, routing.row_slot, routing.slot_row, 1, False)
 
 
-def rows_to_slots(rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+def rows_to_slots(rows: torch.Tensor, routing: Routing) -> torch.Tensor:
     """[M, D] rows -> [N·k, D] (token, slot) pairs; padding rows get no gradient."""
     if not routing.grouped:
         return rows
@@ -217,21 +222,23 @@ def grouped_mm_expert_linear(
     return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
 
 
-def rows_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
-    """Few unsorted rows (`route_rows`): each row times its own expert's weight, reading only chosen experts."""
-    row_expert = routing.row_expert if routing.row_expert is not None else routing.row_slot.new_empty(0)
-    if not routing.grouped and torch.compiler.is_compiling():
+def rows_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Each row times its own expert's weight, reading only the chosen experts: for the few unsorted rows of
+    `route_rows` (on grouped rows too, finding each row's expert from the groups)."""
+    if routing.grouped:
+        positions = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)
+        row_expert = torch.searchsorted(routing.group_ends, positions, right=True)
+    else:
+        row_expert = routing.row_expert
+    if torch.compiler.is_compiling():
         # One fused gather-multiply-reduce kernel: a gathered copy of the weights would triple the bytes read.
         dtype = compute_dtype(rows)
         return (weight[row_expert].to(dtype) * rows.to(dtype)[:, None, :]).sum(-1)
-    if routing.grouped:  # grouped rows: every row's expert, from the groups
-        positions = torch.arange(rows.shape[0], device=rows.device, dtype=torch.int32)
-        row_expert = torch.searchsorted(routing.group_ends, positions, right=True)
     experts = row_expert.tolist()
     return torch.cat([F.linear(rows[r : r + 1], weight[e]) for r, e in enumerate(experts)])
 
 
-ExpertLinear = Callable[[torch.Tensor, torch.Tensor, ExpertRouting], torch.Tensor]
+ExpertLinear = Callable[[torch.Tensor, torch.Tensor, Routing], torch.Tensor]
 
 EXPERT_BACKENDS: dict[str, ExpertLinear] = {
     "loop": loop_expert_linear,
@@ -258,7 +265,7 @@ def grouped_mm_supported(weight: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def resolve_backend(
-    name: str, weight: torch.Tensor, dtype: torch.dtype, routing: ExpertRouting | None = None
+    name: str, weight: torch.Tensor, dtype: torch.dtype, routing: Routing | None = None
 ) -> ExpertLinear:
     """The expert matmul for `moe_backend=name` and this call's `routing`: unsorted rows take the rows
     backend; otherwise `auto` takes grouped_mm where it runs, else the loop."""

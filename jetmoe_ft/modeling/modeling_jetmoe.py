@@ -40,7 +40,7 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_jetmoe import JetMoeConfig
 from .experts import (
-    ExpertRouting,
+    Routing,
     compute_dtype,
     default_row_multiple,
     few_rows,
@@ -147,7 +147,7 @@ class JetMoeParallelExperts(nn.Module):
         self.output_size = output_size
         self.backend = backend
 
-    def forward(self, rows: torch.Tensor, routing: ExpertRouting) -> torch.Tensor:
+    def forward(self, rows: torch.Tensor, routing: Routing) -> torch.Tensor:
         expert_linear = resolve_backend(self.backend, self.weight, compute_dtype(rows), routing)
         return expert_linear(rows, self.weight, routing)
 
@@ -160,7 +160,7 @@ class RouterDecision(NamedTuple):
 
     logits: torch.Tensor  # [N, E] fp32
     gates: torch.Tensor  # [N, k] softmax over the top-k logits, in the activation dtype
-    routing: ExpertRouting
+    routing: Routing
 
 
 class JetMoeTopKGating(nn.Module):
