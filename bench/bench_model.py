@@ -17,8 +17,12 @@ Cases (`--list` prints them all):
   kv_proj, two ways: our expert LoRA ("lora": per-expert factors applied inside the sorted dispatch) and PEFT's
   own `target_parameters` on the same expert weights ("peft-params": builds every expert's full delta each
   forward), against full fine-tuning of ours ("ours").
-- `decode-small-fp32`: greedy `generate()` of 64 new tokens after a 1x32 prompt, with a KV cache; checks
-  that ours and the reference produce the same tokens.
+- `decode-{small,medium}-{fp32,bf16}-b{1,16}`: greedy `generate()` of 64 new tokens after a batch x 32 prompt,
+  with a KV cache, three ways: ours eager ("ours", dynamic cache), ours with transformers' static cache and a
+  `torch.compile`d forward ("compiled": inductor, fullgraph, compiled in the warm-up rounds), transformers'
+  eager ("ref"). bf16 here means the model's weights in bf16 (how one decodes; autocast would cast every
+  weight on every step). Checks that the three produce the same tokens (fp32; in bf16 the summation order
+  may flip a near-tie, so the share of agreeing tokens is reported instead).
 
 Throughput is measured with each implementation in its own process, steps interleaved in time: every variant
 of a config (implementation x dtype, "contender") lives in a persistent worker process of its own (started
@@ -31,7 +35,7 @@ heap, which would distort the comparison (big models and their multi-GB step buf
 each other through the allocator and page faults). The training contenders of one size and dtype form one
 rotation (the bf16 one also runs ours in fp32, for the bf16 / fp32 ratio), so that at most four workers,
 each holding its model, optimizer state and leftover heap, are alive at once; decode is one rotation of
-ours and ref. The reported time is the median of the timed steps after the warm-up steps. tokens/s =
+ours, compiled and ref. The reported time is the median of the timed steps after the warm-up steps. tokens/s =
 batch x sequence length / median step time (decode: new tokens / median `generate()` time, prefill
 included). Every `ratio` is ours / the other, so > 1 means ours is faster.
 
@@ -117,6 +121,8 @@ MODEL_SIZES: dict[str, dict] = {
 TRAIN_BATCH = {"small": (8, 256), "medium": (4, 1024)}
 DECODE_PROMPT_LEN = 32
 DECODE_NEW_TOKENS = 64
+DECODE_BATCHES = (1, 16)
+DECODE_IMPLEMENTATIONS = ("ours", "compiled", "ref")
 WORKER_TIMEOUT_S = 1200  # the longest a contender worker may take to build its model or to take one step
 
 
@@ -127,20 +133,27 @@ WORKER_TIMEOUT_S = 1200  # the longest a contender worker may take to build its 
 class Case:
     """One benchmark case: what is measured (`kind`), on which model size, in which compute dtype."""
 
-    kind: str  # "train", "ckpt" or "decode"
+    kind: str  # "train", "ckpt", "lora" or "decode"
     size: str
     dtype: str
+    batch: int = 1  # decode only
 
     @property
     def name(self) -> str:
-        return f"{self.kind}-{self.size}-{self.dtype}"
+        suffix = f"-b{self.batch}" if self.kind == "decode" else ""
+        return f"{self.kind}-{self.size}-{self.dtype}{suffix}"
 
 
 ALL_CASES = (
     [Case("train", size, dtype) for size in MODEL_SIZES for dtype in DTYPES]
     + [Case("ckpt", size, "fp32") for size in MODEL_SIZES]
     + [Case("lora", size, dtype) for size in MODEL_SIZES for dtype in DTYPES]
-    + [Case("decode", size, "fp32") for size in MODEL_SIZES]
+    + [
+        Case("decode", size, dtype, batch)
+        for size in MODEL_SIZES
+        for batch in DECODE_BATCHES
+        for dtype in DTYPES
+    ]
 )
 DEFAULT_CASES = (
     "train-small-fp32",
@@ -151,14 +164,14 @@ DEFAULT_CASES = (
     "lora-small-fp32",
     "lora-medium-fp32",
     "lora-medium-bf16",
-    "decode-small-fp32",
+    *(f"decode-{size}-{dtype}-b{batch}" for size in MODEL_SIZES for batch in (1, 16) for dtype in DTYPES),
 )
 QUICK_CASES = (
     "train-small-fp32",
     "train-small-bf16",
     "ckpt-small-fp32",
     "lora-small-fp32",
-    "decode-small-fp32",
+    "decode-small-fp32-b1",
 )
 
 
@@ -321,7 +334,7 @@ def training_step(
     return loss.item()
 
 
-def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
+def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor, **kwargs) -> torch.Tensor:
     """Exactly `DECODE_NEW_TOKENS` greedy tokens after `prompt`, with the KV cache."""
     with torch.inference_mode():
         output = model.generate(
@@ -332,6 +345,7 @@ def greedy_decode(model: torch.nn.Module, prompt: torch.Tensor) -> torch.Tensor:
             do_sample=False,
             use_cache=True,
             pad_token_id=model.config.eos_token_id,
+            **kwargs,
         )
     return output[:, prompt.shape[1] :]
 
@@ -346,13 +360,18 @@ def make_step(spec: dict) -> Callable[[], object]:
     a training step (returning the loss) or a greedy decode (returning the new tokens)."""
     kind, size, dtype, impl = spec["kind"], spec["size"], spec["dtype"], spec["impl"]
     decode = kind == "decode"
-    models = build_models({impl}, size, use_cache=decode)
-    model = models.pop(impl)
+    models = build_models({"ours" if impl == "compiled" else impl}, size, use_cache=decode)
+    model = models.popitem()[1]
     del models
     gc.collect()
     if decode:
         model.eval()
-        prompt = token_batch(size, (1, DECODE_PROMPT_LEN))
+        if dtype == "bf16":
+            model.to(torch.bfloat16)
+        prompt = token_batch(size, (spec.get("batch", 1), DECODE_PROMPT_LEN))
+        if impl == "compiled":
+            model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False)
+            return lambda: greedy_decode(model, prompt, cache_implementation="static")
         return lambda: greedy_decode(model, prompt)
     model.train()
     optimizer = make_optimizer(model)
@@ -698,15 +717,15 @@ class MemoryCache:
         self.enabled, self.warmup, self.steps = enabled, warmup, steps
         self.results: dict[tuple, dict] = {}
 
-    def get(self, kind: str, size: str, dtype: str, impl: str) -> dict:
+    def get(self, kind: str, size: str, dtype: str, impl: str, batch: int = 1) -> dict:
         """The peak-RSS measurement of one implementation, measured on first request."""
         if not self.enabled:
             return {}
         worker_kind = "decode" if kind == "decode" else "train"
-        key = (worker_kind, size, dtype, impl)
+        key = (worker_kind, size, dtype, impl, batch)
         if key not in self.results:
             log(f"memory: {worker_kind}-{size}-{dtype} {impl} in a fresh subprocess")
-            spec = {"kind": worker_kind, "size": size, "dtype": dtype, "impl": impl}
+            spec = {"kind": worker_kind, "size": size, "dtype": dtype, "impl": impl, "batch": batch}
             self.results[key] = measure_memory({**spec, "warmup": self.warmup, "steps": self.steps})
             if "error" in self.results[key]:
                 log(f"memory worker failed: {self.results[key]['error']}")
@@ -906,46 +925,61 @@ def run_training_group(size: str, cases: list[Case], args, memory: MemoryCache) 
 
 
 def first_mismatch(a: torch.Tensor, b: torch.Tensor) -> int | None:
-    """Index of the first differing new token of two [1, n] outputs, None when equal."""
+    """Index of the first new token position where two [batch, n] outputs differ in any row, None when equal."""
     if a.shape != b.shape:
         return 0
     differing = (a != b).nonzero()
-    return int(differing[0, -1]) if differing.numel() else None
+    return int(differing[:, -1].min()) if differing.numel() else None
 
 
 def run_decode_case(case: Case, args, memory: MemoryCache) -> dict:
-    """Greedy decoding of ours against the reference, each in its own worker, interleaved; checks both chose
-    the same tokens."""
-    memory_results = {impl: memory.get("decode", case.size, case.dtype, impl) for impl in ("ours", "ref")}
-    spec = {"kind": "decode", "size": case.size, "dtype": case.dtype}
-    contenders = {impl: Contender(f"{impl}-decode", {**spec, "impl": impl}) for impl in ("ours", "ref")}
-    log(f"decode {case.size}: ours, ref, each in its own process")
+    """Greedy decoding of ours (eager and compiled) against the reference, each in its own worker, interleaved;
+    checks they chose the same tokens."""
+    memory_results = {}
+    if case.batch == 1:  # the KV cache and activations are small: batch 1 eager shows the model's footprint
+        memory_results = {
+            impl: memory.get("decode", case.size, case.dtype, impl, case.batch) for impl in ("ours", "ref")
+        }
+    spec = {"kind": "decode", "size": case.size, "dtype": case.dtype, "batch": case.batch}
+    contenders = {
+        impl: Contender(f"{impl}-{case.name}", {**spec, "impl": impl}) for impl in DECODE_IMPLEMENTATIONS
+    }
+    log(f"{case.name}: {', '.join(DECODE_IMPLEMENTATIONS)}, each in its own process")
     with running_workers(list(contenders.values())):
         other_cores = run_interleaved(list(contenders.values()), args.warmup, args.steps)
-    ours, ref = contenders["ours"], contenders["ref"]
-    for contender in (ours, ref):  # the workers send the new token ids as lists
+    for contender in contenders.values():  # the workers send the new token ids as lists
         contender.outputs = [torch.tensor(output) for output in contender.outputs]
+    tokens = case.batch * DECODE_NEW_TOKENS
     record = {
         "case": case.name,
         "config": case.size,
         "dtype": case.dtype,
-        "prompt": [1, DECODE_PROMPT_LEN],
+        "prompt": [case.batch, DECODE_PROMPT_LEN],
         "new_tokens": DECODE_NEW_TOKENS,
-        **contender_fields("ours", ours, DECODE_NEW_TOKENS),
-        **contender_fields("ref", ref, DECODE_NEW_TOKENS),
     }
+    for impl, contender in contenders.items():
+        record.update(contender_fields(impl, contender, tokens))
     record["ratio"] = ratio(record.get("ours_tok_s"), record.get("ref_tok_s"))
+    record["compiled_ratio"] = ratio(record.get("compiled_tok_s"), record.get("ref_tok_s"))
+    record["compiled_vs_ours"] = ratio(record.get("compiled_tok_s"), record.get("ours_tok_s"))
     record["other_procs_cpu_cores"] = other_cores
-    if ours.outputs and ref.outputs:
-        reference_tokens = ref.outputs[0]
-        mismatches = [first_mismatch(out, reference_tokens) for out in ours.outputs + ref.outputs]
-        record["same_tokens"] = all(index is None for index in mismatches)
-        record["new_tokens_generated"] = int(ours.outputs[0].shape[1])
-        if not record["same_tokens"]:
-            record["first_mismatch"] = min(index for index in mismatches if index is not None)
-            record["ours_tokens"] = ours.outputs[0].tolist()
-            record["ref_tokens"] = reference_tokens.tolist()
-    else:
+    ref_outputs = contenders["ref"].outputs
+    others = [out for impl in ("ours", "compiled") for out in contenders[impl].outputs]
+    if ref_outputs and others:
+        reference_tokens = ref_outputs[0]
+        record["new_tokens_generated"] = int(reference_tokens.shape[1])
+        agree = [
+            float((out == reference_tokens).float().mean())
+            for out in others
+            if out.shape == reference_tokens.shape
+        ]
+        record["token_agreement"] = min(agree) if len(agree) == len(others) else 0.0
+        if case.dtype == "fp32":
+            mismatches = [first_mismatch(out, reference_tokens) for out in others + ref_outputs]
+            record["same_tokens"] = all(index is None for index in mismatches)
+            if not record["same_tokens"]:
+                record["first_mismatch"] = min(index for index in mismatches if index is not None)
+    elif case.dtype == "fp32":
         record["same_tokens"] = None
     for impl, result in memory_results.items():
         record.update(memory_fields(impl, result))
@@ -973,6 +1007,8 @@ def case_notes(record: dict) -> str:
     notes = []
     if "same_tokens" in record:
         notes.append(f"same tokens: {record['same_tokens']}")
+    elif "token_agreement" in record:
+        notes.append(f"tokens agreeing with ref: {record['token_agreement']:.0%}")
     notes += [f"{key} (see JSON)" for key in record if key.endswith("error")]
     other = record.get("other_procs_cpu_cores")
     if other is not None and other > 0.25:
@@ -988,20 +1024,41 @@ def markdown_summary(records: list[dict], env: dict, args) -> str:
         "in its own process, steps interleaved in time. "
         "Ratios are ours / other (> 1: ours faster). RSS: peak MiB of a fresh process per implementation "
         "(+ peak rise within one step).",
-        "",
-        "| case | ours tok/s | ref tok/s | ours/ref | dense tok/s | ours/dense | ours bf16/fp32 "
-        "| ours RSS MiB | ref RSS MiB | dense RSS MiB | notes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in records:
-        if not r["case"].startswith(("train-", "decode-")):
-            continue
+    train = [r for r in records if r["case"].startswith("train-")]
+    if train:
+        lines += [
+            "",
+            "| case | ours tok/s | ref tok/s | ours/ref | dense tok/s | ours/dense | ours bf16/fp32 "
+            "| ours RSS MiB | ref RSS MiB | dense RSS MiB | notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+    for r in train:
         lines.append(
             f"| {r['case']} | {fmt(r.get('ours_tok_s'))} | {fmt(r.get('ref_tok_s'))} | {fmt(r.get('ratio'), 2, '×')} "
             f"| {fmt(r.get('dense_tok_s'))} | {fmt(r.get('ours_vs_dense'), 2, '×')} "
             f"| {fmt(r.get('ours_bf16_vs_fp32'), 2, '×')} | {fmt_rss(r, 'ours')} | {fmt_rss(r, 'ref')} "
             f"| {fmt_rss(r, 'dense')} | {case_notes(r)} |"
         )
+    decode = [r for r in records if r["case"].startswith("decode-")]
+    if decode:
+        lines += [
+            "",
+            f"Greedy decoding, {DECODE_NEW_TOKENS} new tokens after a batch x {DECODE_PROMPT_LEN} prompt (tok/s: "
+            "new tokens of the whole batch per second, prefill included). compiled: ours with the static cache "
+            "and an inductor-compiled forward. bf16: weights in bf16.",
+            "",
+            "| case | ours tok/s | compiled tok/s | ref tok/s | ours/ref | compiled/ref | ours RSS MiB "
+            "| ref RSS MiB | notes |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in decode:
+            lines.append(
+                f"| {r['case']} | {fmt(r.get('ours_tok_s'))} | {fmt(r.get('compiled_tok_s'))} "
+                f"| {fmt(r.get('ref_tok_s'))} | {fmt(r.get('ratio'), 2, '×')} "
+                f"| {fmt(r.get('compiled_ratio'), 2, '×')} | {fmt_rss(r, 'ours')} | {fmt_rss(r, 'ref')} "
+                f"| {case_notes(r)} |"
+            )
     ckpt = [r for r in records if r["case"].startswith("ckpt-")]
     if ckpt:
         lines += [
