@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 from trl import ModelConfig, TrlParser
 
+from .compat import parser_actions
 from .modeling.configuration_jetmoe import MOE_BACKENDS
 
 
@@ -52,6 +53,27 @@ class JetMoeArguments:
     )
     router_loss_ignore_padding: bool | None = field(
         default=None, metadata={"help": "Leave padding tokens out of the router loss statistics."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a fresh run in an output_dir that holds another run's checkpoints."},
+    )
+    resume_other_recipe: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint that another recipe (other values or data) wrote."},
+    )
+    allow_partial_load: bool = field(
+        default=False,
+        metadata={
+            "help": "Start from a checkpoint that lacks some of the model's tensors or holds extra ones (missing "
+            "ones are newly initialised); off, such a checkpoint is refused."
+        },
+    )
+    nonfinite_skip_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Optimizer steps with a NaN/Inf loss or gradient to skip before stopping (0: stop at the first)."
+        },
     )
 
     def model_config_overrides(self) -> dict[str, Any]:
@@ -234,6 +256,11 @@ class Recipe:
     values: dict[str, Any] = field(default_factory=dict)
     """The recipe's values after the command-line overrides, as written to the output directory."""
 
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the run trains a LoRA adapter (`lora_targets:` or `use_peft: true`)."""
+        return bool(self.adapters.lora_targets) or bool(self.model.use_peft)
+
     def save(self, output_dir: str | Path) -> Path:
         """Write the effective recipe to `output_dir/recipe.yaml`."""
         target = Path(output_dir) / "recipe.yaml"
@@ -247,10 +274,16 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     """Parse `--config RECIPE.yaml [--key value ...]` into a `Recipe` whose training fields are `training_cls`
     (and whose loop-specific fields, if any, are the dataclass `task_cls`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    dataclass_types = _dataclass_types(training_cls, task_cls)
-    parser = TrlParser(dataclass_types)
-    actions = {action.dest: action for action in parser._actions if action.dest != "help"}
-    field_types = _field_types(dataclass_types)
+    if "-h" in argv or "--help" in argv:
+        from .cli import recipe_help  # the command line's own module; imported only when asked
+
+        print(recipe_help(training_cls, task_cls))
+        raise SystemExit(0)
+    groups = dataclass_types(training_cls, task_cls)
+    parser = TrlParser(groups)
+    parser.error = _one_line_error  # a bad `--key value` is one line, not argparse's usage dump
+    actions = parser_actions(parser)
+    field_types = _field_types(groups)
 
     path, values = None, {}
     if "--config" in argv:
@@ -274,6 +307,7 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         owner = next(group for group in parsed if hasattr(group, key))
         values[key] = _plain(getattr(owner, key))
     data, training, model, jetmoe, adapters, *task = parsed
+    training.jetmoe = jetmoe  # the trainer layer reads the run-level JetMoE keys from its arguments
     if jetmoe.aux_loss_coef is not None and getattr(training, "router_aux_loss_coef", None) is not None:
         raise RecipeError(
             "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
@@ -283,7 +317,11 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     )
 
 
-def _dataclass_types(training_cls: type, task_cls: type | None = None) -> list[type]:
+def _one_line_error(message: str):
+    raise RecipeError(message.replace("argument ", "", 1))
+
+
+def dataclass_types(training_cls: type, task_cls: type | None = None) -> list[type]:
     types_ = [DataArguments, training_cls, ModelConfig, JetMoeArguments, AdapterArguments]
     return types_ + [task_cls] if task_cls is not None else types_
 
@@ -309,7 +347,7 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
 
 def recipe_keys(training_cls: type, task_cls: type | None = None) -> list[str]:
     """Every key a recipe for `training_cls` (and `task_cls`) accepts."""
-    return sorted(_field_types(_dataclass_types(training_cls, task_cls)))
+    return sorted(_field_types(dataclass_types(training_cls, task_cls)))
 
 
 def _field_types(dataclass_types) -> dict[str, Any]:

@@ -19,6 +19,40 @@ from transformers.modeling_rope_utils import RopeParameters
 
 MOE_BACKENDS = ("auto", "loop", "grouped_mm")
 
+# --- Field names of the official JetMoE code (myshell-ai/JetMoE `JetMoEConfig`) -------------------------------
+OFFICIAL_NAMES = {
+    "ffn_hidden_size": "intermediate_size",
+    "moe_num_experts": "num_local_experts",
+    "moe_top_k": "num_experts_per_tok",
+}
+"""Official name -> ours, for fields that mean the same. `kv_channels` and `activation_function` share names;
+`glu` and `bias` must be true (the only architecture both codes build); `rope_theta` is transformers' BC key."""
+
+
+def map_official_names(config, kwargs: dict) -> None:
+    """Move the official code's field names in `kwargs` onto `config`'s fields, in place; a `ValueError` naming
+    the field when a value cannot mean the same here (or disagrees with our own name for it)."""
+    defaults = type(config).__dataclass_fields__
+    for official, ours in OFFICIAL_NAMES.items():
+        if official not in kwargs:
+            continue
+        value, current = kwargs.pop(official), getattr(config, ours)
+        if current != defaults[ours].default and current != value:
+            raise ValueError(f"{official}={value} (official name) disagrees with {ours}={current}; keep one.")
+        setattr(config, ours, value)
+    for flag in ("glu", "bias"):
+        if kwargs.pop(flag, True) is not True:
+            raise ValueError(f"{flag}=false: JetMoE here has GLU experts with biases only (official default true).")
+    heads = kwargs.pop("num_attention_heads", None)
+    if heads is not None and heads != config.num_key_value_heads * config.num_experts_per_tok:
+        raise ValueError(
+            f"num_attention_heads={heads} is not num_key_value_heads x top-k experts "
+            f"({config.num_key_value_heads} x {config.num_experts_per_tok}); JetMoE derives it, remove it."
+        )
+
+
+# -------------------------------------------------------------------------------------------------------------
+
 
 @strict
 class JetMoeConfig(PreTrainedConfig):
@@ -80,6 +114,7 @@ class JetMoeConfig(PreTrainedConfig):
     router_loss_ignore_padding: bool = False
 
     def __post_init__(self, **kwargs):
+        map_official_names(self, kwargs)  # configs written by the official JetMoE code
         # Every token gets one group of `num_key_value_heads` query heads from each of its k attention experts.
         self.num_attention_heads = self.num_key_value_heads * self.num_experts_per_tok
         super().__post_init__(**kwargs)
