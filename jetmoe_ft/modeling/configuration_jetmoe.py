@@ -42,7 +42,9 @@ def map_official_names(config, kwargs: dict) -> None:
         setattr(config, ours, value)
     for flag in ("glu", "bias"):
         if kwargs.pop(flag, True) is not True:
-            raise ValueError(f"{flag}=false: JetMoE here has GLU experts with biases only (official default true).")
+            raise ValueError(
+                f"{flag}=false: JetMoE here has GLU experts with biases only (official default true)."
+            )
     heads = kwargs.pop("num_attention_heads", None)
     if heads is not None and heads != config.num_key_value_heads * config.num_experts_per_tok:
         raise ValueError(
