@@ -331,7 +331,10 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise RecipeError(f"--config: no recipe file at {path}.")
     try:
-        values = yaml.safe_load(path.read_text())
+        values = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = path.read_bytes()[: error.start].count(b"\n") + 1
+        raise RecipeError(f"{path}: line {line} is not UTF-8; save the recipe as UTF-8.") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
