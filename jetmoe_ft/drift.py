@@ -159,14 +159,15 @@ def plot_drift(drift: RoutingDrift, path: str | Path, title: str | None = None) 
     change = 100 * drift.load_change
     num_layers, _, num_experts = change.shape
     vmax = max(float(np.abs(change).max()), 0.5)
-    size = (min(4.0 + 2.2 * num_experts, 30.0), min(1.6 + 0.55 * num_layers, 18.0))
+    size = (min(4.0 + 1.6 * num_experts, 28.0), min(2.4 + 0.8 * num_layers, 18.0))
     fig = Figure(figsize=size, layout="constrained")
     axes = fig.subplots(1, 2)
     for k, (ax, name) in enumerate(zip(axes, ("MoA (attention experts)", "MoE (MLP experts)"), strict=True)):
         image = ax.imshow(change[:, k], cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
         if change[:, k].size <= 512:
             for (row, col), value in np.ndenumerate(change[:, k]):
-                ax.text(col, row, f"{value:+.1f}", ha="center", va="center", fontsize=7)
+                colour = "white" if abs(value) > 0.6 * vmax else "black"
+                ax.text(col, row, f"{value:+.1f}", ha="center", va="center", fontsize=7, color=colour)
         ax.set_title(name)
         ax.set_xlabel("expert")
         ax.set_xticks(range(num_experts))
@@ -178,7 +179,7 @@ def plot_drift(drift: RoutingDrift, path: str | Path, title: str | None = None) 
             ],
             fontsize=8,
         )
-    fig.colorbar(image, ax=list(axes), label="load change (percentage points of top-k selections)")
+    fig.colorbar(image, ax=list(axes), label="load change (points of top-k share)")
     fig.suptitle(title or f"Routing drift on {drift.tokens:,} tokens (red: more load after tuning)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,7 +53,9 @@ def test_answer_statistics():
 
 def _causal_lm(seed: int) -> JetMoeForCausalLM:
     torch.manual_seed(seed)
-    model = JetMoeForCausalLM(JetMoeConfig(**tiny_kwargs(vocab_size=32000), **SPECIALS, initializer_range=0.2))
+    model = JetMoeForCausalLM(
+        JetMoeConfig(**tiny_kwargs(vocab_size=32000), **SPECIALS, initializer_range=0.2)
+    )
     randomize_biases(model, seed)
     return model
 
@@ -187,7 +189,7 @@ def test_an_adapter_is_compared_with_its_base_disabled(runs):
             str(runs / "base"),
             "--no_instructions",
         ]
-        + ["--output_dir", str(runs / "base-self"), *QUICK]
+        + ["--output_dir", str(runs / "base-self"), *QUICK, "--max_new_tokens", "1"]
     )
     assert report["metrics"]["reference_nll"]["baseline"] == pytest.approx(
         base_report["metrics"]["reference_nll"]["baseline"], rel=1e-5
