@@ -235,10 +235,22 @@ class DataArguments:
             weight = entry.get("weight")
             if weight is not None and (not isinstance(weight, int | float) or weight <= 0):
                 raise RecipeError(f"{where}.weight: expected a positive number, got {weight!r}.")
+            same = _source_key(entry)
+            for earlier, other in enumerate(self.datasets[:index]):
+                if isinstance(other, dict) and _source_key(other) == same:
+                    raise RecipeError(
+                        f"{where}: the same source as datasets[{earlier}] ({entry['path']}); list it once and use "
+                        "`weight:` (e.g. 2) to take its rows twice (its held-out rows would be duplicated too)."
+                    )
         if self.test_split_size is not None and not 0 < self.test_split_size < 1:
             raise RecipeError(
                 f"test_split_size: expected a number between 0 and 1, got {self.test_split_size}."
             )
+
+
+def _source_key(entry: dict) -> tuple:
+    """What makes two mixture entries the same source (columns and weight aside)."""
+    return tuple(str(entry.get(key)) for key in ("path", "name", "data_dir", "data_files", "split"))
 
 
 @dataclass
@@ -286,6 +298,10 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     field_types = _field_types(groups)
 
     path, values = None, {}
+    if "--config" not in argv and not {"--dataset_name", "--datasets"} & {a.split("=", 1)[0] for a in argv}:
+        raise RecipeError(
+            "--config: missing; give a recipe (e.g. --config recipes/tiny/sft.yaml) and `--key value` overrides."
+        )
     if "--config" in argv:
         index = argv.index("--config")
         if index + 1 >= len(argv):
@@ -302,6 +318,11 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     except RecipeError:
         raise
     except (ValueError, TypeError) as error:
+        if "support bf16" in str(error):
+            raise RecipeError(
+                f"bf16: this machine has no GPU with bf16; set `bf16: false` to train in fp32 on the CPU "
+                f"(or `use_cpu: true` to train in bf16 on the CPU) ({path or 'recipe'})."
+            ) from None
         raise RecipeError(f"{path or 'recipe'}: {error}") from None
     for key in override_keys:
         owner = next(group for group in parsed if hasattr(group, key))
@@ -312,9 +333,58 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         raise RecipeError(
             "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
         )
-    return Recipe(
+    recipe = Recipe(
         data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values
     )
+    check_ranges(recipe)
+    return recipe
+
+
+# (group, key, lowest allowed, whether the lowest itself is allowed, what the value means)
+RANGES = (
+    ("training", "learning_rate", 0, False, "a learning rate of 0 trains nothing"),
+    ("training", "per_device_train_batch_size", 1, True, "rows per device and step"),
+    ("training", "per_device_eval_batch_size", 1, True, "rows per device and evaluation step"),
+    ("training", "gradient_accumulation_steps", 1, True, "steps summed per optimizer update"),
+    ("training", "num_train_epochs", 0, False, "passes over the data"),
+    ("training", "warmup_steps", 0, True, "warmup steps (or a fraction below 1)"),
+    ("training", "warmup_ratio", 0, True, "a share of the steps"),
+    ("training", "weight_decay", 0, True, "decoupled weight decay"),
+    ("training", "max_grad_norm", 0, True, "gradient clipping (0: off)"),
+    ("training", "max_length", 1, True, "tokens per example"),
+    ("training", "logging_steps", 0, False, "steps between logs"),
+    ("training", "save_steps", 0, False, "steps between checkpoints"),
+    ("training", "eval_steps", 0, False, "steps between evaluations"),
+    ("training", "beta", 0, False, "the preference loss temperature"),
+    ("model", "lora_r", 1, True, "the LoRA rank"),
+    ("model", "lora_alpha", 0, False, "the LoRA scale numerator"),
+    ("model", "lora_dropout", 0, True, "a dropout probability"),
+    ("task", "max_length", 1, True, "tokens per text"),
+    ("data", "max_train_samples", 1, True, "training rows"),
+    ("data", "max_eval_samples", 1, True, "evaluation rows"),
+)
+UPPER = {"lora_dropout": 1, "warmup_ratio": 1}
+
+
+def check_ranges(recipe: Recipe) -> None:
+    """Numbers that cannot run (or silently do nothing) are one line at parse time, before anything loads."""
+    for group, key, low, inclusive, meaning in RANGES:
+        value = getattr(getattr(recipe, group), key, None)
+        if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        if (
+            group == "training"
+            and key == "num_train_epochs"
+            and getattr(recipe.training, "max_steps", -1) > 0
+        ):
+            continue  # max_steps decides
+        too_low = value < low or (value == low and not inclusive)
+        too_high = key in UPPER and value >= UPPER[key]
+        if too_low or too_high:
+            bound = f"at least {low}" if inclusive else f"above {low}"
+            if key in UPPER:
+                bound += f" and below {UPPER[key]}"
+            raise RecipeError(f"{key}: {value} is out of range ({meaning}); use a number {bound}.")
 
 
 def _one_line_error(message: str):

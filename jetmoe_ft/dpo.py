@@ -19,7 +19,7 @@ from .adapt import adapt_model
 from .compat import precompute_ref_logps
 from .config import parse_recipe
 from .data import check_preferences, load_recipe_datasets
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
+from .loading import check_recipe_model, check_tokenizer, load_recipe_model, load_recipe_tokenizer
 from .reference import (
     drop_fresh_reference_adapter,
     record_stacked_base,
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run one DPO recipe; returns the final metrics."""
     prepare_processes()
     recipe = parse_recipe(DPOConfig, argv)
+    check_recipe_model(recipe)  # against the model's config.json, before data or weights load
     args = recipe.training
 
     data = load_recipe_datasets(recipe.data, "dpo", seed=args.seed)

@@ -13,12 +13,14 @@ from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from .adapt import _check_choices as check_adapter_choices
 from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_tokenizer, tiny_config
 from .config import Recipe, RecipeError
 from .distributed import declare_zero3_leaf_modules
 from .lora import register_expert_lora
 from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
 from .quantization import QUANT_TYPES, quantize_model_4bit
+from .selection import experts_per_router
 
 TINY_NAMES = (TINY_MODEL, "tiny")
 EMBEDDED_TOKENIZER_NAMES = (EMBEDDED_TOKENIZER, "embedded")
@@ -281,6 +283,27 @@ def _first_few(keys: list[str], count: int = 3) -> str:
     return ", ".join(keys[:count]) + more
 
 
+def check_recipe_model(recipe: Recipe) -> JetMoeConfig:
+    """Right after parsing, before data or weights load: the recipe against the model's `config.json` (expert and
+    layer indices, `max_length` vs `max_position_embeddings`), its LoRA / expert choices and its quantization.
+    Returns the config read."""
+    check_quantization(recipe)
+    check_adapter_choices(recipe, recipe.uses_lora)
+    config = read_model_config(recipe)
+    layers, experts = config.num_hidden_layers, config.num_local_experts
+    for key in ("lora_experts", "finetune_experts"):
+        choice = getattr(recipe.adapters, key)
+        if choice not in (None, "all", "auto"):
+            experts_per_router(choice, layers, experts, None, key)
+    max_length = getattr(recipe.training, "max_length", None) or getattr(recipe.task, "max_length", None)
+    if max_length is not None and max_length > config.max_position_embeddings:
+        raise RecipeError(
+            f"max_length: {max_length} is above the model's max_position_embeddings ({config.max_position_embeddings}"
+            f", {model_path(recipe)}); positions past it were never trained: lower `max_length`."
+        )
+    return config
+
+
 def check_quantization(recipe: Recipe) -> None:
     """QLoRA needs 4 bits, LoRA and bitsandbytes; said before anything loads."""
     if recipe.model.load_in_8bit:
@@ -342,6 +365,11 @@ def load_trained_model(
         raise RecipeError(
             f"model: the adapter in {path} has no classification head (`score`); train it with `score` in "
             "`modules_to_save` (jetmoe-ft cls does this) or evaluate a full model directory."
+        )
+    if cls.__name__.endswith("CausalLM") and adapter_has_head(path):
+        raise RecipeError(
+            f"model: the adapter in {path} is a classifier's (a `score` head); chat and generation need a model "
+            "trained with sft/dpo; evaluate a classifier with `jetmoe-ft eval-cls`."
         )
     base_name = config.base_model_name_or_path
     if base_name in TINY_NAMES:
