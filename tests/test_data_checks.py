@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from jetmoe_ft.cls import cli as cls_cli
 from jetmoe_ft.dpo import cli as dpo_cli
 from jetmoe_ft.sft import cli as sft_cli
 
@@ -125,3 +126,11 @@ def test_dpo_text_prompt_with_conversational_answers_is_one_line(tmp_path, capsy
     path = _write_jsonl(tmp_path / "pairs.jsonl", [row] * 4)
     status, line = _run(dpo_cli, "dpo.yaml", path, tmp_path, capsys)
     assert status == 2 and "prompt: text, but chosen, rejected are conversations" in line
+
+
+def test_labels_mixing_names_and_integers_say_so(tmp_path, capsys):
+    path = _write_jsonl(
+        tmp_path / "labels.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": 1}] * 2
+    )
+    status, line = _run(cls_cli, "cls.yaml", path, tmp_path, capsys)
+    assert status == 2 and "labels mix kinds" in line and "'pos' (row 0)" in line and "regression" not in line
