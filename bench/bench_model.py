@@ -196,9 +196,12 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+THREADS_ENV = "JETMOE_BENCH_THREADS"  # set by --threads; inherited by the worker processes
+
+
 def configure_process() -> None:
-    """All cores for torch, quiet transformers, deterministic seeds."""
-    torch.set_num_threads(os.cpu_count() or 1)
+    """All cores (or --threads) for torch, quiet transformers, deterministic seeds."""
+    torch.set_num_threads(int(os.environ.get(THREADS_ENV) or os.cpu_count() or 1))
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -1109,6 +1112,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed steps per variant (default 2, quick 1)")
     parser.add_argument("--steps", type=int, help="timed steps per variant (default 5, quick 3)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-RSS subprocesses")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads per implementation (default: all cores); 1 is steadier on a machine others load",
+    )
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR, help="where model.jsonl and model.md go")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -1144,6 +1152,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(case.name for case in ALL_CASES))
         return 0
     signal.signal(signal.SIGTERM, _exit_on_sigterm)  # so that `finally` stops the contender workers
+    if args.threads:
+        os.environ[THREADS_ENV] = str(args.threads)
     configure_process()
     cases = select_cases(args.cases, args.quick)
     env = {**environment(), "warmup_steps": args.warmup, "timed_steps": args.steps, "quick": args.quick}
