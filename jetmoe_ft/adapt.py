@@ -16,17 +16,14 @@ from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_t
 from torch import nn
 
 from .config import Recipe, RecipeError
-from .freezing import frozen_router_names, restrict_expert_updates
+from .distributed import is_main_process
+from .freezing import freeze_routers, frozen_router_names, restrict_expert_updates
 from .lora import TARGET_SUFFIXES, WHOLE_MODULES, ExpertLoraLayer, register_expert_lora
 from .modeling.modeling_jetmoe import JetMoeParallelExperts
-from .routing import KINDS
+from .routing import KINDS, router_of
 from .selection import ExpertSelection, experts_per_router, sample_texts, select_experts
 
 DEFAULT_LORA_TARGETS = ("moa_experts", "moe_experts", "kv_proj")
-_EXPERTS_NAME = re.compile(
-    r"(?:^|\.)layers\.(\d+)\.(self_attention\.experts|mlp)\.(input_linear|output_linear)$"
-)
-_KIND = {"self_attention.experts": "moa", "mlp": "moe"}
 ROUTER_LOSS_WHEN_FROZEN = (
     "Frozen routers ({which}): the router loss no longer trains them; it still reaches the trainable "
     "layers below each router through the hidden states. Set `aux_loss_coef: 0` to leave it out."
@@ -42,7 +39,7 @@ def adapt_model(
 ) -> nn.Module:
     """Apply the recipe's LoRA / expert / router choices to `model`; returns the model to train."""
     adapters, training = recipe.adapters, recipe.training
-    use_lora = bool(adapters.lora_targets) or recipe.model.use_peft
+    use_lora = recipe.uses_lora
     _check_choices(recipe, use_lora)
     frozen = "none" if "router" in (adapters.lora_targets or ()) else adapters.frozen_routers(use_lora)
 
@@ -57,7 +54,7 @@ def adapt_model(
         selection = select_experts(
             model, texts, tokenizer, adapters.expert_score, adapters.expert_top_p, max_length
         )
-        if _is_main_process(training):
+        if is_main_process():
             selection.save(training.output_dir)
         print(_selection_summary(selection))
 
@@ -79,9 +76,7 @@ def adapt_model(
             )
             for router, module in _expert_modules(model):
                 restrict_expert_updates(module, experts[router])
-        modules = dict(model.named_modules())
-        for name in frozen_router_names(model, frozen):
-            modules[name].weight.requires_grad_(False)
+        freeze_routers(model, frozen)
 
     if frozen != "none":
         print(ROUTER_LOSS_WHEN_FROZEN.format(which=frozen))
@@ -170,7 +165,7 @@ def apply_expert_lora(
     peft_model = get_peft_model(model, config)
     for name, layer in peft_model.named_modules():
         if isinstance(layer, ExpertLoraLayer):
-            router = _router_of(name)
+            router = router_of(name)
             chosen = experts[router]
             layer.set_trained_experts(chosen if len(chosen) < layer.num_experts else None)
     return peft_model
@@ -185,14 +180,9 @@ def _is_target(name: str, target_names: list[str], experts: dict) -> bool:
         for suffix in TARGET_SUFFIXES.get(target, ()):
             if name.endswith("." + suffix) and re.search(r"(?:^|\.)layers\.\d+\.", name):
                 if target in ("moa_experts", "moe_experts"):
-                    return bool(experts[_router_of(name)])
+                    return bool(experts[router_of(name)])
                 return True
     return False
-
-
-def _router_of(name: str) -> tuple[int, str]:
-    match = re.search(r"(?:^|\.)layers\.(\d+)\.(self_attention\.experts|mlp)\.", name)
-    return int(match.group(1)), _KIND[match.group(2)]
 
 
 def _check_raw_targets(model: nn.Module, raw_targets: list[str]) -> None:
@@ -208,12 +198,11 @@ def _check_raw_targets(model: nn.Module, raw_targets: list[str]) -> None:
 
 def _expert_modules(model: nn.Module) -> list[tuple[tuple[int, str], JetMoeParallelExperts]]:
     """Every expert projection with its router (layer, kind); two per router."""
-    found = []
-    for name, module in model.named_modules():
-        match = _EXPERTS_NAME.search(name)
-        if match and isinstance(module, JetMoeParallelExperts):
-            found.append(((int(match.group(1)), _KIND[match.group(2)]), module))
-    return found
+    return [
+        (router_of(name), module)
+        for name, module in model.named_modules()
+        if isinstance(module, JetMoeParallelExperts) and router_of(name) is not None
+    ]
 
 
 GROUPS = ("MoA experts", "MoE experts", "kv_proj", "routers", "heads", "other")
@@ -279,7 +268,3 @@ def _selection_summary(selection: ExpertSelection) -> str:
         f"Experts picked from {selection.tokens:,} tokens ({selection.score} score, top_p {selection.top_p}): "
         + "; ".join(f"{kind.upper()} per layer {counts[kind]}" for kind in KINDS)
     )
-
-
-def _is_main_process(training) -> bool:
-    return getattr(training, "process_index", 0) == 0

@@ -82,7 +82,7 @@ def load_tokenizer(cache_dir: str | Path | None = None) -> PreTrainedTokenizerFa
 
 
 def _build_tokenizer() -> PreTrainedTokenizerFast:
-    """Convert the SentencePiece model (the slow part, ~1 s)."""
+    """Convert the SentencePiece model (the slow part, hence the cache)."""
     with tempfile.TemporaryDirectory() as tmp:
         # The conversion reads a folder holding `tokenizer.model`.
         shutil.copyfile(source_model_path(), Path(tmp) / "tokenizer.model")

@@ -378,6 +378,8 @@ def check_ranges(recipe: Recipe) -> None:
             and getattr(recipe.training, "max_steps", -1) > 0
         ):
             continue  # max_steps decides
+        if key == "beta" and hasattr(recipe.training, "num_generations"):  # online RL: a KL weight, 0 = none
+            inclusive, meaning = True, "the KL weight; 0 needs no reference"
         too_low = value < low or (value == low and not inclusive)
         too_high = key in UPPER and value >= UPPER[key]
         if too_low or too_high:

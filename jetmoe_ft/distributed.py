@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
+from .compat import is_accelerate_prepared, unmark_accelerate_prepared
 from .config import RecipeError
 from .modeling.modeling_jetmoe import JetMoeAttention, JetMoeMoE
 
@@ -74,9 +75,9 @@ def let_training_wrap_the_model(trainer) -> bool:
     sharded = getattr(trainer, "is_fsdp_enabled", False) or getattr(trainer, "is_deepspeed_enabled", False)
     if not distributed or sharded or trainer.model_wrapped is not model:
         return False
-    if not getattr(model, "_is_accelerate_prepared", False):
+    if not is_accelerate_prepared(model):
         return False
-    model._is_accelerate_prepared = False
+    unmark_accelerate_prepared(model)
     return True
 
 
@@ -94,3 +95,10 @@ def prepare_final_save(trainer) -> bool:
         return False
     plugin.set_state_dict_type("FULL_STATE_DICT")
     return True
+
+
+def is_main_process() -> bool:
+    """Whether this is the process that writes shared files and prints summaries (global rank 0).
+
+    Read from the launcher's `RANK`, so it holds before any process group or trainer exists."""
+    return int(os.environ.get("RANK", "0")) == 0

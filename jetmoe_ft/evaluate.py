@@ -19,10 +19,8 @@ and `reliability.png` into `--output_dir` (default `DIR/eval`), and prints a tab
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,156 +28,34 @@ import numpy as np
 import torch
 from datasets import Dataset
 from sklearn.metrics import (
-    accuracy_score,
     confusion_matrix,
-    f1_score,
-    precision_recall_fscore_support,
-    roc_auc_score,
 )
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
 
-from .assets import load_tokenizer
-from .cls import encode_labels, resolve_pad_token
-from .config import DataArguments, RecipeError, read_recipe_file
+from .config import RecipeError
+from .data.held_out import eval_source, load_eval_split
+from .data.labels import encode_labels
 from .loading import (
-    EMBEDDED_TOKENIZER_NAMES,
-    TINY_NAMES,
     adapter_has_head,
     is_adapter_dir,
+    load_tokenizer_named,
     load_trained_model,
+    resolve_pad_token,
+)
+from .metrics import (
+    CONFIDENCE,
+    N_BINS,
+    bootstrap_intervals,
+    classification_scores,
+    majority_scores,
+    reward_scores,
+    with_intervals,
 )
 from .modeling import JetMoeConfig, JetMoeForSequenceClassification
-from .recipe_data import load_recipe_datasets
+from .plots import plot_confusion_matrix, plot_reliability
 from .runs import run_command
-
-N_BINS = 15
-CONFIDENCE = 0.95
-DEFAULT_SEED = 42  # TrainingArguments' default: the data seed of a recipe that sets none
-
-
-# ---------------------------------------------------------------------------------------------
-# metrics
-
-
-def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS) -> float:
-    """Sum over equal-width confidence bins of (share of examples) x |accuracy - mean confidence|.
-
-    Bins are (lo, hi] as in Guo et al. 2017, with a confidence of exactly 0 in the first bin.
-    """
-    bins = [(acc, conf, count) for acc, conf, count in reliability_bins(confidence, correct, n_bins) if count]
-    total = sum(count for _, _, count in bins)
-    return float(sum(count * abs(acc - conf) for acc, conf, count in bins) / total) if total else float("nan")
-
-
-def reliability_bins(
-    confidence: np.ndarray, correct: np.ndarray, n_bins: int = N_BINS
-) -> list[tuple[float, float, int]]:
-    """(accuracy, mean confidence, count) of each of `n_bins` equal-width bins; empty bins are (nan, nan, 0)."""
-    confidence, correct = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    index = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
-    bins = []
-    for b in range(n_bins):
-        chosen = index == b
-        count = int(chosen.sum())
-        bins.append(
-            (float(correct[chosen].mean()), float(confidence[chosen].mean()), count)
-            if count
-            else (float("nan"), float("nan"), 0)
-        )
-    return bins
-
-
-def classification_scores(labels: np.ndarray, probs: np.ndarray, names: list[str]) -> dict[str, float]:
-    """Flat scalar metrics of one set of predictions: `accuracy`, `macro_f1`, `weighted_f1`, `ece`,
-    `roc_auc` (two classes), and `precision/<class>`, `recall/<class>`, `f1/<class>`."""
-    classes = list(range(len(names)))
-    predicted = probs.argmax(-1)
-    precision, recall, f1, support = precision_recall_fscore_support(
-        labels, predicted, labels=classes, average=None, zero_division=0
-    )
-    # sklearn's macro / weighted F1 are these means of the per-class F1; one call instead of three keeps
-    # the bootstrap fast
-    scores = {
-        "accuracy": accuracy_score(labels, predicted),
-        "macro_f1": f1.mean(),
-        "weighted_f1": np.average(f1, weights=support) if support.sum() else 0.0,
-        "ece": expected_calibration_error(probs.max(-1), predicted == labels),
-    }
-    if len(names) == 2:
-        scores["roc_auc"] = _binary_auc(labels, probs[:, 1])
-    for i, name in enumerate(names):
-        scores[f"precision/{name}"] = precision[i]
-        scores[f"recall/{name}"] = recall[i]
-        scores[f"f1/{name}"] = f1[i]
-    return {key: float(value) for key, value in scores.items()}
-
-
-def _binary_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """ROC-AUC, or nan when only one class is present (a bootstrap resample can draw one class only)."""
-    if len(np.unique(labels)) < 2:
-        return float("nan")
-    return float(roc_auc_score(labels, scores))
-
-
-def majority_scores(labels: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy and F1 of always predicting the most frequent label of `labels` (ties: the lowest id)."""
-    majority = int(np.bincount(labels, minlength=num_classes).argmax())
-    predicted = np.full_like(labels, majority)
-    classes = list(range(num_classes))
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, labels=classes, average="macro", zero_division=0)),
-        "weighted_f1": float(
-            f1_score(labels, predicted, labels=classes, average="weighted", zero_division=0)
-        ),
-    }
-
-
-def reward_scores(margins: np.ndarray) -> dict[str, float]:
-    """Pairwise accuracy (chosen strictly above rejected), mean margin, and the calibration error of the
-    Bradley-Terry probability that the pair is ordered as the model says."""
-    correct = margins > 0
-    confidence = 1.0 / (1.0 + np.exp(-np.abs(margins)))
-    return {
-        "accuracy": float(correct.mean()),
-        "mean_margin": float(margins.mean()),
-        "ece": expected_calibration_error(confidence, correct),
-    }
-
-
-def bootstrap_intervals(
-    statistic: Callable[[np.ndarray], dict[str, float]],
-    size: int,
-    resamples: int = 1000,
-    seed: int = 0,
-    confidence: float = CONFIDENCE,
-) -> dict[str, list[float]]:
-    """Percentile bootstrap: `statistic(indices)` on `resamples` draws of `size` indices with replacement;
-    returns [low, high] per key. Draws where a statistic is undefined (nan) are left out of its interval."""
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = {}
-    for _ in range(resamples):
-        for key, value in statistic(rng.integers(0, size, size)).items():
-            draws.setdefault(key, []).append(value)
-    tail = 100 * (1 - confidence) / 2
-    intervals = {}
-    for key, values in draws.items():
-        values = np.asarray(values, dtype=float)
-        values = values[~np.isnan(values)]
-        intervals[key] = (
-            [float(np.percentile(values, tail)), float(np.percentile(values, 100 - tail))]
-            if len(values)
-            else [float("nan")] * 2
-        )
-    return intervals
-
-
-def with_intervals(point: dict[str, float], intervals: dict[str, list[float]]) -> dict[str, dict]:
-    """`{name: {"value": v, "ci95": [low, high]}}`."""
-    return {key: {"value": value, "ci95": intervals.get(key)} for key, value in point.items()}
-
 
 # ---------------------------------------------------------------------------------------------
 # model, data and predictions
@@ -220,86 +96,9 @@ def load_head(path: str | Path, config: JetMoeConfig, tokenizer_name: str | None
             "pad_token_id": config.pad_token_id,
         }
     model = load_trained_model(path, JetMoeForSequenceClassification, **kwargs)
-    tokenizer = _load_tokenizer(tokenizer_name or str(path))
+    tokenizer = load_tokenizer_named(tokenizer_name or str(path), field="--tokenizer")
     resolve_pad_token(tokenizer)
     return model.eval(), tokenizer
-
-
-def _load_tokenizer(name: str) -> PreTrainedTokenizerBase:
-    if name in EMBEDDED_TOKENIZER_NAMES or name in TINY_NAMES:
-        return load_tokenizer()
-    try:
-        return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as error:
-        raise RecipeError(
-            f"tokenizer: none in {name} ({str(error).splitlines()[0][:200]}); pass --tokenizer."
-        ) from None
-
-
-@dataclasses.dataclass
-class EvalSource:
-    """Which data to evaluate on, and how it was described to the user."""
-
-    data: DataArguments
-    split: str
-    seed: int
-    values: dict[str, Any]
-    description: str
-
-
-def eval_source(args: argparse.Namespace) -> EvalSource:
-    """The data to evaluate: `--dataset_name/--split`, else `--config`, else the run's own recipe."""
-    recipe_path = Path(args.config) if args.config else Path(args.model) / "recipe.yaml"
-    values = read_recipe_file(recipe_path) if (args.config or recipe_path.is_file()) else {}
-    seed = int(values.get("seed", DEFAULT_SEED))
-    if args.dataset_name:
-        split = args.split or "test"
-        data = DataArguments(
-            dataset_name=args.dataset_name,
-            dataset_config=args.dataset_config,
-            dataset_train_split=split,
-            dataset_test_split=split,
-        )
-        return EvalSource(data, "train", seed, values, f"{args.dataset_name} ({split} split)")
-    if not values:
-        raise RecipeError(
-            f"No data to evaluate on: {args.model} has no recipe.yaml; pass --config R.yaml or "
-            "--dataset_name NAME --split SPLIT."
-        )
-    fields = {f.name for f in dataclasses.fields(DataArguments)} - {"max_train_samples", "max_eval_samples"}
-    data = DataArguments(**{key: value for key, value in values.items() if key in fields})
-    if args.split:
-        data.dataset_test_split = args.split
-    if data.dataset_test_split == data.dataset_train_split:
-        return EvalSource(data, "train", seed, values, f"{_name(data)} ({data.dataset_train_split} split)")
-    return EvalSource(data, "test", seed, values, f"{_name(data)} ({data.dataset_test_split} split)")
-
-
-def _name(data: DataArguments) -> str:
-    return data.dataset_name or " + ".join(str(entry["path"]) for entry in data.datasets)
-
-
-def load_eval_split(source: EvalSource, task: str, max_samples: int | None) -> Dataset:
-    """The evaluation rows, checked for the columns `task` needs."""
-    text_column = source.values.get("text_column", "text")
-    label_column = source.values.get("label_column", "label")
-    source.data.max_eval_samples = max_samples
-    if source.split == "train":
-        source.data.max_train_samples = max_samples
-    splits = load_recipe_datasets(
-        source.data, task, seed=source.seed, text_field=text_column, label_field=label_column
-    )
-    if source.split not in splits:
-        raise RecipeError(
-            f"{source.description}: the recipe has no held-out split; set `dataset_test_split` or "
-            "`test_split_size` in it, or pass --dataset_name NAME --split SPLIT."
-        )
-    dataset = splits[source.split]
-    if task == "cls":
-        dataset = dataset.rename_columns(
-            {old: new for old, new in ((text_column, "text"), (label_column, "label")) if old != new}
-        )
-    return dataset
 
 
 @torch.no_grad()
@@ -454,50 +253,6 @@ def _row_id(dataset: Dataset, index: int):
 
 # ---------------------------------------------------------------------------------------------
 # plots and the table
-
-
-def plot_confusion_matrix(matrix: list[list[int]], names: list[str], path: Path) -> Path:
-    """Counts per (true, predicted) class pair, as a heat map."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
-    from sklearn.metrics import ConfusionMatrixDisplay
-
-    size = min(3.0 + 0.6 * len(names), 20.0)
-    fig = Figure(figsize=(size + 1, size), layout="constrained")
-    ax = fig.subplots()
-    ConfusionMatrixDisplay(np.asarray(matrix), display_labels=names).plot(
-        ax=ax,
-        cmap="Blues",
-        values_format="d",
-        colorbar=True,
-        xticks_rotation=45 if len(names) > 4 else "horizontal",
-    )
-    ax.set_title("Confusion matrix (rows: true class)")
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, ece: float, what: str) -> Path:
-    """Reliability diagram: accuracy per confidence bin against the diagonal, and how many fall in each bin."""
-    from matplotlib.figure import Figure
-
-    bins = reliability_bins(confidence, correct)
-    centers = (np.arange(N_BINS) + 0.5) / N_BINS
-    accuracy = np.array([acc for acc, _, _ in bins])
-    counts = np.array([count for _, _, count in bins])
-    fig = Figure(figsize=(5.5, 6.5), layout="constrained")
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
-    top.bar(centers, np.nan_to_num(accuracy), width=1 / N_BINS, edgecolor="black", label="accuracy")
-    top.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-    top.set_ylabel("accuracy in bin")
-    top.set_ylim(0, 1)
-    top.set_title(f"Reliability ({what}); ECE {ece:.3f}, {N_BINS} bins")
-    top.legend(loc="upper left")
-    bottom.bar(centers, counts, width=1 / N_BINS, edgecolor="black", color="grey")
-    bottom.set_xlabel(f"confidence ({what})")
-    bottom.set_ylabel("examples")
-    bottom.set_xlim(0, 1)
-    fig.savefig(path, dpi=100)
-    return path
 
 
 def _cell(entry: dict | None, digits: int = 3) -> str:

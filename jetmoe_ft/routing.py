@@ -6,13 +6,10 @@ forward hooks on every `JetMoeTopKGating`, so any forward pass (training, evalua
 set to select experts ESFT-style) can be measured. `RoutingHealthCallback` logs it during training and
 writes `routing.json` and the heat-map `routing_load.png` at the end.
 
-How the values reach the logs (transformers 5.24): `Trainer.log` appends a copy `{**logs, "step": ...}`
-to `state.log_history` *before* it calls `on_log`, and the reporting callbacks (TensorBoard, W&B, ...)
-sit before user callbacks in the handler. So a value added to `logs` in `on_log` would only reach the
-console. `add_routing_health(trainer)` therefore wraps `trainer.log` and adds the routing values to
-`logs` before `Trainer.log` runs: they reach `log_history`, every reporting callback and the console.
-A callback passed only through `callbacks=[...]` falls back to `on_log`: it adds the values to `logs`
-and to the `log_history` entry just appended for those logs, but the reporters have already run.
+The trainer layer (`jetmoe_ft.trainers`) adds the values to `logs` in its `log`, before `Trainer.log` copies
+them into `log_history` and hands them to the reporting callbacks (TensorBoard, W&B, ...). A callback added
+only through `callbacks=[...]` falls back to `on_log`: it adds the values to `logs` and to the `log_history`
+entry just appended for those logs, but the reporters have already run.
 """
 
 from __future__ import annotations
@@ -24,14 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .compat import in_backward
+from .distributed import is_main_process
 from .modeling.modeling_jetmoe import JetMoeTopKGating
+from .plots import plot_expert_load
 
 logger = logging.get_logger(__name__)
 
@@ -194,17 +193,23 @@ def _collective_device(tensor: torch.Tensor) -> torch.device:
     return tensor.device
 
 
+def router_of(name: str) -> tuple[int, str] | None:
+    """(layer, "moa" | "moe") of a module inside a MoA or MoE block, from its name; None outside them."""
+    match = _ROUTER_NAME.search(name)
+    return (int(match.group(1)), _KIND_OF_BLOCK[match.group(2)]) if match else None
+
+
 def find_routers(model: nn.Module) -> list[tuple[int, str, JetMoeTopKGating]]:
     """Every `JetMoeTopKGating` in `model` as (layer, "moa" | "moe", module), at any nesting (PEFT too)."""
     routers = []
     for name, module in model.named_modules():
         if isinstance(module, JetMoeTopKGating):
-            match = _ROUTER_NAME.search(name)
-            if match is None:
+            router = router_of(name)
+            if router is None:
                 raise ValueError(
                     f"Cannot tell the layer of router {name!r}: expected `layers.<i>.mlp|self_attention.`"
                 )
-            routers.append((int(match.group(1)), _KIND_OF_BLOCK[match.group(2)], module))
+            routers.append((*router, module))
     if not routers:
         raise ValueError(
             f"{type(model).__name__} has no JetMoeTopKGating router: use a jetmoe_ft JetMoE model."
@@ -217,11 +222,6 @@ def _common_num_experts(routers: list[tuple[int, str, JetMoeTopKGating]]) -> int
     if len(counts) != 1:
         raise ValueError(f"Routers disagree on the number of experts: {sorted(counts)}.")
     return counts.pop()
-
-
-def _in_backward() -> bool:
-    """Whether autograd is running a backward pass: gradient checkpointing replays forwards there."""
-    return torch._C._current_graph_task_id() != -1
 
 
 def _mask_for(attention_mask: torch.Tensor | None, num_tokens: int) -> torch.Tensor | None:
@@ -289,7 +289,7 @@ def attach_routing_hooks(model: nn.Module, stats: RoutingStats, training_only: b
 
 def _router_hook(hooks: RoutingHooks, layer: int, kind: str, training_only: bool):
     def hook(module: JetMoeTopKGating, args, decision) -> None:
-        if _in_backward() or (training_only and not module.training):
+        if in_backward() or (training_only and not module.training):
             return
         logits = decision.logits
         hooks.stats.update(
@@ -299,58 +299,10 @@ def _router_hook(hooks: RoutingHooks, layer: int, kind: str, training_only: bool
     return hook
 
 
-def plot_expert_load(
-    load: torch.Tensor | np.ndarray,
-    path: str | Path,
-    title: str | None = None,
-    marked: torch.Tensor | np.ndarray | None = None,
-) -> Path:
-    """Heat-map of a [L, 2, E] expert load (share of tokens): MoA and MoE panels, layers x experts.
-    Cells where the boolean [L, 2, E] `marked` is true get a red frame."""
-    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
-    from matplotlib.patches import Rectangle
-    from matplotlib.ticker import PercentFormatter
-
-    load = np.asarray(load.detach().cpu() if isinstance(load, torch.Tensor) else load, dtype=float)
-    num_layers, _, num_experts = load.shape
-    vmax = max(float(load.max()), 1e-9)
-    size = (min(2.0 + 1.1 * num_experts, 24.0), min(1.2 + 0.45 * num_layers, 16.0))
-    fig = Figure(figsize=size, layout="constrained")
-    axes = fig.subplots(1, 2, sharey=True)
-    for k, (ax, name) in enumerate(zip(axes, ("MoA (attention experts)", "MoE (MLP experts)"), strict=True)):
-        image = ax.imshow(load[:, k], cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
-        _annotate(ax, load[:, k], vmax)
-        if marked is not None:
-            for row, col in np.argwhere(np.asarray(marked)[:, k]):
-                ax.add_patch(
-                    Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
-                )
-        ax.set_title(name)
-        ax.set_xlabel("expert")
-        ax.set_xticks(range(num_experts))
-        ax.set_yticks(range(num_layers))
-    axes[0].set_ylabel("layer")
-    fig.colorbar(image, ax=list(axes), label="share of tokens (%)", format=PercentFormatter(1.0, decimals=0))
-    fig.suptitle(title or f"Expert load (uniform = {1 / num_experts:.1%})")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
-
-
-def _annotate(ax, shares: np.ndarray, vmax: float) -> None:
-    """Write each cell's share in percent, dark on light cells; skipped when cells get too small."""
-    if shares.size > 512:
-        return
-    for (row, col), share in np.ndenumerate(shares):
-        colour = "black" if share > 0.6 * vmax else "white"
-        ax.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7, color=colour)
-
-
 class RoutingHealthCallback(TrainerCallback):
     """Logs router entropy and expert load every logging step; writes `routing.json` and
-    `routing_load.png` into `output_dir` at the end. Install it with `add_routing_health(trainer)`
-    so the values reach `log_history` *and* the reporting integrations (see the module docstring).
+    `routing_load.png` into `output_dir` at the end. The trainer layer installs it so the values
+    reach `log_history` *and* the reporting integrations (see the module docstring).
     """
 
     def __init__(self, per_expert: bool = True):
@@ -369,7 +321,7 @@ class RoutingHealthCallback(TrainerCallback):
         self.hooks = attach_routing_hooks(model, self.window, training_only=True)
         if args.report_to and not self.wraps_trainer_log:
             logger.warning(
-                "Routing values reach log_history but not report_to; use add_routing_health(trainer)."
+                "Routing values reach log_history but not report_to; mix jetmoe_ft.trainers.JetMoeTrainerMixin in."
             )
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -390,7 +342,7 @@ class RoutingHealthCallback(TrainerCallback):
         if self.window is None:
             return
         self._take_window(state.global_step, record=False)
-        if state.is_world_process_zero:
+        if is_main_process():
             self.write_report(args.output_dir, state.global_step)
         self._detach()
 
@@ -438,29 +390,11 @@ class RoutingHealthCallback(TrainerCallback):
             self.hooks = None
 
 
-def add_routing_health(trainer, callback: RoutingHealthCallback | None = None) -> RoutingHealthCallback:
-    """Add a `RoutingHealthCallback` to `trainer` and wrap `trainer.log` so its values are added to
-    `logs` before `Trainer.log` copies them into `log_history` and hands them to every callback."""
-    callback = callback or RoutingHealthCallback()
-    trainer.add_callback(callback)
-    log = trainer.log
-
-    def log_with_routing(logs: dict[str, float], *args, **kwargs):
-        callback.add_to_logs(logs, trainer.state.global_step)
-        return log(logs, *args, **kwargs)
-
-    trainer.log = log_with_routing
-    callback.wraps_trainer_log = True
-    return callback
-
-
 __all__ = [
     "KINDS",
     "RoutingHealthCallback",
     "RoutingHooks",
     "RoutingStats",
-    "add_routing_health",
     "attach_routing_hooks",
     "find_routers",
-    "plot_expert_load",
 ]

@@ -4,18 +4,21 @@ import json
 import math
 import os
 import re
+import resource
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import TrainingArguments
+from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
-from .distributed import check_launch, let_training_wrap_the_model, prepare_final_save
-from .routing import add_routing_health
+from .distributed import check_launch, is_main_process, prepare_final_save
+from .provenance import RunFingerprintCallback, claim_output_dir, run_fingerprint
+from .trainers import NonFiniteTrainingError
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
@@ -26,7 +29,7 @@ def prepare_processes() -> int:
 
     `accelerate launch` starts several local processes only for GPU-type configs; with `use_cpu` in a
     config file it does not pass `ACCELERATE_USE_CPU` on, and each process would train alone. Several
-    processes with all threads each also crawl (measured: 3.7-7 s vs 0.4 s per SFT step). FSDP and
+    processes with all threads each crawl (docs/scale-out.md). FSDP and
     DeepSpeed launches without a GPU are refused here (`distributed.check_launch`).
     """
     check_launch()
@@ -86,53 +89,114 @@ def evaluate(trainer, when: str) -> dict[str, float]:
     if trainer.eval_dataset is None:
         return {}
     metrics = trainer.evaluate(metric_key_prefix=f"eval_{when}")
-    let_training_wrap_the_model(trainer)
     return {key: value for key, value in metrics.items() if isinstance(value, int | float)}
 
 
-def train_with_evaluations(trainer, resume_from: str | None) -> tuple[dict, dict, dict]:
-    """Routing health on, held-out evaluation before (fresh runs only) and after training.
+_ACTIVE_OUTPUT_DIR: list[str] = []
+"""The output directory of the run in progress, for the message of an interrupted run."""
 
-    Returns (train metrics, before, after)."""
-    add_routing_health(trainer)
-    before = evaluate(trainer, "before") if resume_from is None else {}
-    train_metrics = trainer.train(resume_from_checkpoint=resume_from).metrics
+
+@dataclass
+class RunStart:
+    """What `start_run` settled before any model loads."""
+
+    resume_from: str | None
+    fingerprint: dict[str, Any]
+
+
+def start_run(recipe: Recipe, data) -> RunStart:
+    """Before any model loads: seed everything, find the checkpoint to resume, and claim `output_dir` for this
+    run (lock, provenance; `jetmoe_ft.provenance`)."""
+    set_seed(recipe.training.seed)  # the model, its heads, adapters and the expert selection start from here
+    resume_from = resume_checkpoint(recipe.training)
+    fingerprint = run_fingerprint(recipe, data)
+    claim_output_dir(recipe, fingerprint, resume_from)
+    _ACTIVE_OUTPUT_DIR[:] = [recipe.training.output_dir]
+    return RunStart(resume_from, fingerprint)
+
+
+def train_with_evaluations(trainer, run: RunStart) -> dict[str, Any]:
+    """Held-out evaluation before (fresh runs only), training, held-out evaluation after; all their metrics."""
+    trainer.add_callback(RunFingerprintCallback(run.fingerprint))
+    before = evaluate(trainer, "before") if run.resume_from is None else {}
+    train_metrics = trainer.train(resume_from_checkpoint=run.resume_from).metrics
     after = evaluate(trainer, "after")
-    return train_metrics, before, after
+    return {**train_metrics, **before, **after}
 
 
-def trained_line(trainer, train_metrics: dict[str, Any]) -> str:
+def trained_line(trainer, metrics: dict[str, Any]) -> str:
     """`Trained N steps in T s on P processes (device).`"""
     processes = trainer.accelerator.num_processes
     return (
-        f"Trained {trainer.state.global_step} steps in {train_metrics.get('train_runtime', 0):.0f} s "
+        f"Trained {trainer.state.global_step} steps in {metrics.get('train_runtime', 0):.0f} s "
         f"on {processes} process{'es' if processes > 1 else ''} ({trainer.accelerator.device.type})."
     )
 
 
 def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], headline: list[str]) -> Path:
-    """Save the final model, tokenizer, effective recipe and `metrics.json`; print a short summary."""
+    """Save the final model, tokenizer, effective recipe and `metrics.json`; print the trained line, the loop's
+    `headline` lines and where the outputs are."""
     output_dir = Path(trainer.args.output_dir)
     prepare_final_save(trainer)  # FSDP's sharded checkpoints: the export is still one whole model
     trainer.save_model(str(output_dir))
-    if trainer.is_world_process_zero():
+    if is_main_process():
         tokenizer.save_pretrained(str(output_dir))
         recipe.save(output_dir)
-        clean = {key: value for key, value in metrics.items() if not _is_nan(value)}
+        clean = {key: None if _is_non_finite(value) else value for key, value in metrics.items()}
         (output_dir / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
-        print("\n" + "\n".join(headline + [f"Outputs: {output_dir}"]))
+        print("\n" + "\n".join([trained_line(trainer, metrics), *headline, f"Outputs: {output_dir}"]))
     return output_dir
 
 
-def _is_nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _is_non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def weights_mb(*models: torch.nn.Module | None) -> float:
+    """Memory held by the parameters and buffers of `models`, each storage counted once, in MiB."""
+    seen, total = set(), 0
+    for model in models:
+        if model is None:
+            continue
+        for tensor in [*model.parameters(), *model.buffers()]:
+            key = tensor.untyped_storage().data_ptr()
+            if key not in seen:
+                seen.add(key)
+                total += tensor.untyped_storage().nbytes()
+    return total / 2**20
+
+
+def peak_memory_mb() -> float:
+    """Peak memory of this process so far: GPU memory allocated on CUDA, else the peak resident set size."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
 
 
 def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
-    """Run a loop's `main` as a command: user mistakes are one line on stderr (exit 2), not a traceback."""
+    """Run a loop's `main` as a command, each ending one line on stderr, not a traceback: a user mistake
+    (exit 2), a non-finite loss or gradient (exit 3), Ctrl-C (exit 130, with where to resume)."""
     try:
         main(argv)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except NonFiniteTrainingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {_resume_hint()}", file=sys.stderr)
+        return 130
+    except SystemExit as stop:  # `--help` printed the recipe keys
+        return stop.code if isinstance(stop.code, int) else 0
     return 0
+
+
+def _resume_hint() -> str:
+    if not _ACTIVE_OUTPUT_DIR:
+        return "nothing was trained yet."
+    output_dir = _ACTIVE_OUTPUT_DIR[0]
+    checkpoint = last_complete_checkpoint(output_dir)
+    if checkpoint is None:
+        return f"no checkpoint in {output_dir} yet; the run starts over."
+    return f"last checkpoint {checkpoint}; resume with the same command and --resume_from_checkpoint true."

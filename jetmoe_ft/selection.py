@@ -18,7 +18,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .config import RecipeError
-from .routing import KINDS, RoutingStats, attach_routing_hooks, plot_expert_load
+from .plots import plot_expert_load
+from .routing import KINDS, RoutingStats, attach_routing_hooks
 
 Router = tuple[int, str]
 """(layer, "moa" | "moe")."""

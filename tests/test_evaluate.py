@@ -12,15 +12,13 @@ from trl import RewardConfig, RewardTrainer
 
 from jetmoe_ft import JetMoeConfig, JetMoeForSequenceClassification
 from jetmoe_ft.assets import load_tokenizer
-from jetmoe_ft.data import load_chatterbot_pairs, load_rotten_tomatoes
-from jetmoe_ft.evaluate import (
+from jetmoe_ft.data.embedded import load_chatterbot_pairs, load_rotten_tomatoes
+from jetmoe_ft.evaluate import cli, main, pair_token_ids
+from jetmoe_ft.metrics import (
     bootstrap_intervals,
     classification_scores,
-    cli,
     expected_calibration_error,
-    main,
     majority_scores,
-    pair_token_ids,
     reward_scores,
 )
 

@@ -8,15 +8,15 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
+from jetmoe_ft.plots import plot_expert_load
 from jetmoe_ft.routing import (
     KINDS,
     RoutingHealthCallback,
     RoutingStats,
-    add_routing_health,
     attach_routing_hooks,
     find_routers,
-    plot_expert_load,
 )
+from jetmoe_ft.trainers import JetMoeTrainerMixin
 
 from .conftest import randomize_biases, tiny_kwargs
 
@@ -227,17 +227,19 @@ def _train(tmp_path, install: bool):
         save_strategy="no",
         disable_tqdm=True,
     )
-    callback = RoutingHealthCallback()
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=None if install else [callback])
-    if install:
-        add_routing_health(trainer, callback)
+    if install:  # the trainer layer every loop uses
+        trainer = type("Trainer", (JetMoeTrainerMixin, Trainer), {})(
+            model=model, args=args, train_dataset=data
+        )
+    else:
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[RoutingHealthCallback()])
     recorder = _Recorder()
     trainer.callback_handler.callbacks.insert(1, recorder)
     trainer.train()
     return trainer, recorder, int(mask.sum())
 
 
-@pytest.mark.parametrize("install", [True, False], ids=["add_routing_health", "callbacks_arg"])
+@pytest.mark.parametrize("install", [True, False], ids=["trainer_layer", "callbacks_arg"])
 def test_trainer_logs_routing_and_writes_the_report(tmp_path, install):
     trainer, recorder, real_tokens = _train(tmp_path, install)
     step_logs = [entry for entry in trainer.state.log_history if "loss" in entry]

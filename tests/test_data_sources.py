@@ -5,7 +5,7 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from jetmoe_ft.config import DataArguments, RecipeError
-from jetmoe_ft.recipe_data import load_recipe_datasets
+from jetmoe_ft.data.sources import load_recipe_datasets
 
 
 def _chat_rows(n, offset=0):

@@ -6,8 +6,8 @@ import sys
 import pandas as pd
 import pytest
 
-from jetmoe_ft import data
-from jetmoe_ft.data import (
+from jetmoe_ft.data import embedded as data
+from jetmoe_ft.data.embedded import (
     EMBEDDED_DATASETS,
     chatterbot_conversations,
     group_split,
