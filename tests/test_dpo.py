@@ -237,7 +237,8 @@ def test_missing_columns_fail_in_one_line_before_the_model_loads(tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": "Q", "chosen": "A"}) for _ in range(4)))
     result = subprocess.run(
-        [sys.executable, "-m", "jetmoe_ft.cli", "dpo", "--config", RECIPE, "--dataset_name", str(data)],
+        [sys.executable, "-m", "jetmoe_ft.cli", "dpo", "--config", RECIPE, "--dataset_name", str(data)]
+        + ["--model_name_or_path", "jetmoe-ft/tiny"],
         capture_output=True,
         text=True,
         timeout=300,
