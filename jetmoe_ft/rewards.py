@@ -277,3 +277,35 @@ INSTRUCTION_PROMPTS: tuple[InstructionPrompt, ...] = (
     ),
 )
 """The embedded instruction-following prompts (30; 40 instructions)."""
+
+
+# -- rewards for online RL (GRPO) --------------------------------------------------------------------------------
+
+
+def length_in_range(completion: str, low: int, high: int) -> float:
+    """Between `low` and `high` words, both included."""
+    return _score(low <= len(_words(completion)) <= high)
+
+
+def ends_properly(completion: str, finished: bool) -> float:
+    """Generation stopped on the end token (eos), not at the length limit, after some text. `finished` says
+    whether the last generated token was eos (GRPO's reward resolver reads it from the completion's ids)."""
+    return _score(bool(finished) and bool(completion.strip()))
+
+
+def no_repeated_ngrams(completion: str, n: int = 3) -> float:
+    """No sequence of `n` words appears twice (any case), and the answer is not empty."""
+    words = [word.lower() for word in _words(completion)]
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return _score(bool(words) and len(grams) == len(set(grams)))
+
+
+def matches_regex(completion: str, pattern: str) -> float:
+    """The regular expression `pattern` matches somewhere in the answer (`re.search`, `.` also matches a newline);
+    anchor it with `^...$` to match the whole answer."""
+    return _score(re.search(pattern, completion, re.DOTALL) is not None)
+
+
+REWARDS.update(
+    {fn.__name__: fn for fn in (length_in_range, ends_properly, no_repeated_ngrams, matches_regex)}
+)
