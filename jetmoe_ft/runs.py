@@ -17,6 +17,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
 from .distributed import check_launch, is_main_process, prepare_final_save
+from .model_card import write_model_card
 from .provenance import RunFingerprintCallback, claim_output_dir, run_fingerprint
 from .trainers import NonFiniteTrainingError
 
@@ -142,6 +143,7 @@ def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], head
     if is_main_process():
         tokenizer.save_pretrained(str(output_dir))
         recipe.save(output_dir)
+        write_model_card(output_dir, recipe, metrics)  # replaces the libraries' template README.md
         clean = {key: None if _is_non_finite(value) else value for key, value in metrics.items()}
         (output_dir / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
         print("\n" + "\n".join([trained_line(trainer, metrics), *headline, f"Outputs: {output_dir}"]))
