@@ -20,7 +20,6 @@ transformers' attention interface, exact packed sequences, and the original JetM
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -155,8 +154,9 @@ class JetMoeParallelExperts(nn.Module):
         return f"num_experts={self.num_experts}, in={self.input_size}, out={self.output_size}, backend={self.backend}"
 
 
-class RouterDecision(NamedTuple):
-    """What one router decided for N tokens (a tuple, so output recorders find the logits at index 0)."""
+@dataclass
+class RouterDecision:
+    """What one router decided for N tokens."""
 
     logits: torch.Tensor  # [N, E] fp32
     gates: torch.Tensor  # [N, k] softmax over the top-k logits, in the activation dtype
@@ -303,7 +303,8 @@ class JetMoeAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Returns the output, the attention weights (eager attention only) and the MoA router logits."""
         batch, seq_len, _ = hidden_states.shape
         kv_heads, top_k, head_dim = self.num_key_value_heads, self.top_k, self.head_dim
 
@@ -338,7 +339,7 @@ class JetMoeAttention(nn.Module):
         attn_output = attn_output.reshape(batch, seq_len, top_k, kv_heads * head_dim)
         if attn_weights is not None:  # returned heads in transformers' order: slot-major, (slot, h)
             attn_weights = attn_weights.unflatten(1, (kv_heads, top_k)).transpose(1, 2).flatten(1, 2)
-        return self.experts.reduce(attn_output, decision), attn_weights
+        return self.experts.reduce(attn_output, decision), attn_weights, decision.logits
 
 
 class JetMoeDecoderLayer(GradientCheckpointingLayer):
@@ -358,9 +359,10 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         **kwargs,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns the new hidden states and the MoA and MoE router logits."""
         residual = hidden_states
-        hidden_states, _ = self.self_attention(
+        hidden_states, _, attention_router_logits = self.self_attention(
             self.input_layernorm(hidden_states),
             position_embeddings=position_embeddings,
             attention_mask=attention_mask,
@@ -369,8 +371,8 @@ class JetMoeDecoderLayer(GradientCheckpointingLayer):
         )
         hidden_states = residual + hidden_states
         residual = hidden_states
-        hidden_states, _ = self.mlp(self.post_attention_layernorm(hidden_states))
-        return residual + hidden_states
+        hidden_states, mlp_router_logits = self.mlp(self.post_attention_layernorm(hidden_states))
+        return residual + hidden_states, attention_router_logits, mlp_router_logits
 
 
 class JetMoePreTrainedModel(PreTrainedModel):
@@ -383,11 +385,11 @@ class JetMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # the auto and grouped_mm dispatch have no host sync under torch.compile
-    # Outputs are recorded by forward hooks (transformers' `capture_outputs`), in the order the modules run:
-    # per layer the MoA router, then the MoE router.
+    # Hidden states and attention weights are recorded by forward hooks (transformers' `capture_outputs`).
+    # Router logits are returned by the layers instead: the hooks read a ContextVar that dynamo cannot trace
+    # inside a separately compiled decoder layer, and training asks for router logits on every step.
     _can_record_outputs = {
-        "router_logits": OutputRecorder(JetMoeTopKGating, index=0),
-        "hidden_states": JetMoeDecoderLayer,
+        "hidden_states": OutputRecorder(JetMoeDecoderLayer, index=0),
         "attentions": OutputRecorder(JetMoeAttention, index=1),
     }
 
@@ -436,14 +438,17 @@ class JetMoeModel(JetMoePreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeModelOutputWithPast:
-        """`output_hidden_states` (a flag, or the indices of the hidden states to keep), `output_attentions`,
-        `output_router_logits` and `return_dict` are read by `capture_outputs` (config values by default)."""
+        """`output_hidden_states` (a flag, or the indices of the hidden states to keep), `output_attentions`
+        and `return_dict` are read by `capture_outputs` (config values by default)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
         config = self.config
         use_cache = config.use_cache if use_cache is None else use_cache
+        if output_router_logits is None:
+            output_router_logits = config.output_router_logits
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             use_cache = False  # the replayed forward would write the cache twice
         if use_cache and cache is None:
@@ -473,8 +478,9 @@ class JetMoeModel(JetMoePreTrainedModel):
 
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        router_logits = ()
         for decoder_layer in self.layers:
-            hidden_states = decoder_layer(
+            hidden_states, attention_router_logits, mlp_router_logits = decoder_layer(
                 hidden_states,
                 position_embeddings=position_embeddings,
                 attention_mask=causal_mask,
@@ -483,8 +489,13 @@ class JetMoeModel(JetMoePreTrainedModel):
                 position_ids=position_ids,
                 **kwargs,
             )
+            router_logits += (attention_router_logits, mlp_router_logits)
         hidden_states = self.norm(hidden_states)
-        return MoeModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+        return MoeModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache if use_cache else None,
+            router_logits=router_logits if output_router_logits else None,
+        )
 
 
 def jetmoe_router_loss(
