@@ -167,8 +167,8 @@ def ratios(records: list[dict]) -> list[dict]:
     return rows
 
 
-def fmt(value, digits: int = 2) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
+def fmt(value, digits: int = 2, suffix: str = "") -> str:
+    return "—" if value is None else f"{value:,.{digits}f}{suffix}"
 
 
 def markdown(records: list[dict], env: dict, args) -> str:
@@ -197,10 +197,10 @@ def markdown(records: list[dict], env: dict, args) -> str:
     ]
     for row in ratios([r for r in records if "error" not in r]):
         lines.append(
-            f"| {row['shape']} | {fmt(row['peak_ckpt_chunked_vs_full'])}× | {fmt(row['peak_ckpt_full_vs_full'])}× "
-            f"| {fmt(row['peak_chunked_vs_full'])}× "
-            f"| {fmt(row['speed_chunked_vs_full'])}× | {fmt(row['speed_chunked_vs_full_ckpt'])}× "
-            f"| {fmt(row['cpu_speed_chunked_vs_full'])}× / {fmt(row['cpu_speed_chunked_vs_full_ckpt'])}× |"
+            f"| {row['shape']} | {fmt(row['peak_ckpt_chunked_vs_full'], suffix='×')} | {fmt(row['peak_ckpt_full_vs_full'], suffix='×')} "
+            f"| {fmt(row['peak_chunked_vs_full'], suffix='×')} "
+            f"| {fmt(row['speed_chunked_vs_full'], suffix='×')} | {fmt(row['speed_chunked_vs_full_ckpt'], suffix='×')} "
+            f"| {fmt(row['cpu_speed_chunked_vs_full'], suffix='×')} / {fmt(row['cpu_speed_chunked_vs_full_ckpt'], suffix='×')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -215,6 +215,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--dtype", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, fp32 weights"
     )
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="tokens per LM-head chunk")
+    parser.add_argument("--variants", help="comma-separated subset of full,chunked,chunked-ckpt,full-ckpt")
     parser.add_argument("--results", default="memory", help="bench/results/NAME.jsonl and NAME.md")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -239,6 +240,8 @@ def main(argv=None) -> int:
     with open(f"{results}.jsonl", "w") as jsonl:
         for batch, seq in args.shapes:
             for head, ckpt in VARIANTS:
+                if args.variants and f"{head}{'-ckpt' if ckpt else ''}" not in args.variants.split(","):
+                    continue
                 spec = dict(batch=batch, seq=seq, head=head, ckpt=ckpt, dtype=args.dtype)
                 spec |= dict(chunk_size=args.chunk_size, warmup=args.warmup, steps=args.steps)
                 bm.log(f"{case_name(spec)} in a fresh subprocess")
