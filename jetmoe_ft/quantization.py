@@ -135,7 +135,9 @@ class _Dequantized4bitLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, rows, experts, routing):
         ctx.experts, ctx.routing, ctx.input_dtype = experts, routing, rows.dtype
-        return _expert_linear_4bit(rows, experts, routing, transpose=False)
+        # computed in the compute dtype, returned in the input's (as bitsandbytes' Linear4bit does): with fp32
+        # activations (an fp32 recipe, or norms kept in fp32 for QLoRA) the queries match the fp32 keys/values
+        return _expert_linear_4bit(rows, experts, routing, transpose=False).to(rows.dtype)
 
     @staticmethod
     def backward(ctx, grad_output):
