@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from datasets import Dataset
+from peft import LoraConfig, get_peft_model
 from trl import GRPOConfig
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
@@ -44,11 +45,13 @@ def short(completions, **kwargs):
     return [-len(c[-1]["content"] if isinstance(c, list) else c) / 10 for c in completions]
 
 
-def _trainer(tmp_path, coef, beta=0.1):
+def _trainer(tmp_path, coef, beta=0.1, lora=False):
     torch.manual_seed(0)
     model = JetMoeForCausalLM(
         JetMoeConfig(**tiny_kwargs(vocab_size=32000), aux_loss_coef=coef, pad_token_id=0)
     )
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=["kv_proj"]))
     args = GRPOConfig(
         str(tmp_path),
         use_cpu=True,
@@ -69,7 +72,7 @@ def _trainer(tmp_path, coef, beta=0.1):
     rewards = build_reward_funcs(parse_reward_funcs(["no_repeated_ngrams", "tests.test_grpo:short"]), [2])
     return JetMoeGRPOTrainer(
         model=model,
-        ref_model=copy.deepcopy(model).eval().requires_grad_(False) if beta else None,
+        ref_model=copy.deepcopy(model).eval().requires_grad_(False) if beta and not lora else None,
         reward_funcs=rewards,
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
@@ -99,6 +102,29 @@ def test_router_loss_is_added_once_and_only_by_the_training_forward(tmp_path):
     torch.testing.assert_close(weighted._aux_window[-1], expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses["weighted"] - losses["plain"], 0.5 * expected, rtol=1e-4, atol=1e-6)
     assert "aux_loss" not in weighted._metrics["train"]  # TRL's own (Mixtral-form) aux loss stayed off
+
+
+def test_with_lora_the_reference_is_the_adapter_disabled(tmp_path):
+    trainer = _trainer(tmp_path, 0.01, beta=0.1, lora=True)
+    model = trainer.model
+    assert trainer.ref_model is None and list(model.peft_config) == [
+        "default"
+    ]  # TRL's copy of the fresh adapter dropped
+    assert any(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with torch.no_grad():  # a trained adapter: the policy now differs from its base
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.5)
+    model.train()
+    inputs = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)
+    mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1)
+    width = inputs["completion_ids"].shape[1]
+    with torch.no_grad(), model.disable_adapter():
+        base, _, _ = trainer._get_per_token_logps_and_entropies(model, ids, mask, width)
+    keep = inputs["completion_mask"].bool()
+    torch.testing.assert_close(inputs["ref_per_token_logps"][keep], base[keep], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(inputs["old_per_token_logps"][keep], base[keep], atol=1e-3)
 
 
 def test_rollout_routing_matches_with_the_same_weights_and_sees_a_change():
