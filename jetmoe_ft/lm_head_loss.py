@@ -22,10 +22,13 @@ IGNORE_INDEX = -100
 DEFAULT_CHUNK_SIZE = 1024
 
 
-def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 logits of one chunk, the matmul in the inputs' dtype like `lm_head(hidden).float()`."""
+def _chunk_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float = 1.0
+) -> torch.Tensor:
+    """fp32 logits of one chunk, the matmul in the inputs' dtype like `lm_head(hidden).float()`, / temperature."""
     logits = hidden @ weight.T if bias is None else torch.addmm(bias, hidden, weight.T)
-    return logits.float()
+    logits = logits.float()
+    return logits if temperature == 1.0 else logits.div_(temperature)
 
 
 class _Gradients:
@@ -58,83 +61,94 @@ class _Gradients:
 
 
 def _grad_logits(
-    probs: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor | None = None
+    probs: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0, grad: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """grad * d log p_target / d logits = grad * (onehot(target) - softmax) [rows, 1], in place of `probs`."""
+    """grad * d log p_target / d (logits before the temperature) = grad * (onehot(target) - softmax) / T,
+    [rows, 1] upstream, in place of `probs`."""
     if grad is None:
-        return probs.neg_().scatter_add_(1, targets[:, None], probs.new_ones(len(targets), 1))
-    return probs.mul_(-grad).scatter_add_(1, targets[:, None], grad)
+        grad = probs.new_ones(len(targets), 1)
+    if temperature != 1.0:
+        grad = grad / temperature
+    return probs.mul_(-grad).scatter_add_(1, targets[:, None], grad.expand(-1, 1).contiguous())
 
 
 class _ChunkedLMHead(torch.autograd.Function):
-    """log p(target) of `hidden @ weight.T (+ bias)` per row, chunk by chunk; every target must be valid.
+    """log p(target) of `(hidden @ weight.T (+ bias)) / temperature` per row, chunk by chunk; every target valid.
 
-    Returns (the log-probs [N] fp32, or their sum when `reduce_sum`; correct [N] bool; entropy [N] fp32), the
-    last two empty unless `with_metrics` and without gradient. Per row, the backward recomputes each chunk's
-    logits. Summed, the upstream gradient is one number, so the forward computes the gradients for a unit one
-    while it has the logits (as Liger's fused linear cross-entropy does) and the backward only scales them:
-    no second pass through the head, which is most of a step's time at a 32,000 vocabulary.
+    Returns (the log-probs [N] fp32, or their sum when `reduce_sum`; then, only `with_metrics` and without
+    gradient: correct [N] bool, entropy [N], mean logit [N], log sum of squared probabilities [N]).
+
+    With `precompute` (gradients wanted), the forward also computes the gradients for a unit upstream gradient
+    on every row while it has the logits (as Liger's fused linear cross-entropy does). When the upstream
+    gradient is the same for every row — a summed or averaged loss, like SFT's — the backward only scales them:
+    no second pass through the head. Otherwise (per-sequence sums, as in DPO) it recomputes each chunk's logits.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_size: int, with_metrics: bool, reduce_sum: bool):
+    def forward(
+        ctx, hidden, weight, bias, targets, chunk_size: int, with_metrics: bool, reduce_sum: bool,
+        temperature: float, precompute: bool,
+    ):  # fmt: skip
         num_rows = hidden.shape[0]
         logps = hidden.new_empty(num_rows, dtype=torch.float32)
         logsumexp = hidden.new_empty(num_rows, dtype=torch.float32)
-        correct = torch.empty(num_rows if with_metrics else 0, dtype=torch.bool, device=hidden.device)
-        entropy = hidden.new_empty(num_rows if with_metrics else 0, dtype=torch.float32)
+        metric_rows = num_rows if with_metrics else 0
+        correct = torch.empty(metric_rows, dtype=torch.bool, device=hidden.device)
+        entropy, mean_logits, log_sum_sq = (
+            hidden.new_empty(metric_rows, dtype=torch.float32) for _ in range(3)
+        )
         needs = tuple(t is not None and t.requires_grad for t in (hidden, weight, bias))
-        gradients = _Gradients(hidden, weight, bias, needs) if reduce_sum and any(needs) else None
+        gradients = _Gradients(hidden, weight, bias, needs) if precompute and any(needs) else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, num_rows, chunk_size):
                 rows = slice(start, start + chunk_size)
-                logits = _chunk_logits(hidden[rows], weight, bias)
+                logits = _chunk_logits(hidden[rows], weight, bias, temperature)
                 lse = logsumexp[rows] = torch.logsumexp(logits, dim=-1)
                 logps[rows] = logits.gather(1, targets[rows, None]).squeeze(1) - lse
                 if with_metrics:
                     correct[rows] = logits.argmax(dim=-1) == targets[rows]
+                    mean_logits[rows] = logits.mean(dim=-1)
                 if not (with_metrics or gradients is not None):
                     continue
                 log_probs = logits.sub_(lse[:, None])
+                if with_metrics:
+                    log_sum_sq[rows] = torch.logsumexp(2 * log_probs, dim=-1)
                 probs = log_probs.exp() if with_metrics else log_probs.exp_()
                 if with_metrics:
                     entropy[rows] = -(probs * log_probs).sum(dim=-1)
                 if gradients is not None:
-                    grad_logits = _grad_logits(probs, targets[rows])
-                    gradients.add(rows, hidden[rows], weight, grad_logits)
-        ctx.mark_non_differentiable(correct, entropy)
+                    gradients.add(rows, hidden[rows], weight, _grad_logits(probs, targets[rows], temperature))
+        ctx.mark_non_differentiable(correct, entropy, mean_logits, log_sum_sq)
         ctx.reduce_sum = reduce_sum
-        if reduce_sum:
-            ctx.gradients = gradients
-            return logps.sum(), correct, entropy
-        ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
-        ctx.chunk_size = chunk_size
-        return logps, correct, entropy
+        ctx.gradients = gradients
+        ctx.chunk_size, ctx.temperature = chunk_size, temperature
+        if not reduce_sum:
+            ctx.save_for_backward(hidden, weight, bias, targets, logsumexp)
+        return (logps.sum() if reduce_sum else logps), correct, entropy, mean_logits, log_sum_sq
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_logps, _grad_correct, _grad_entropy):
-        if ctx.reduce_sum:
-            if ctx.gradients is None:
-                raise RuntimeError("the chunked LM-head loss computed its gradients once; backward runs once")
+    def backward(ctx, grad_logps, *_metric_grads):
+        rest = (None,) * 6
+        uniform = ctx.reduce_sum or bool((grad_logps == grad_logps[:1]).all())
+        if ctx.gradients is not None and uniform:
             grads, ctx.gradients = ctx.gradients.result(), None
-            return (
-                *(None if g is None else g.mul_(grad_logps.to(g.dtype)) for g in grads),
-                None,
-                None,
-                None,
-                None,
-            )
+            scale = grad_logps.reshape(-1)[:1]
+            return *(None if g is None else g.mul_(scale.to(g.dtype)) for g in grads), *rest
+        if ctx.reduce_sum:
+            raise RuntimeError("the chunked LM-head loss computed its gradients once; backward runs once")
+        ctx.gradients = None
         hidden, weight, bias, targets, logsumexp = ctx.saved_tensors
         gradients = _Gradients(hidden, weight, bias, ctx.needs_input_grad[:3])
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, hidden.shape[0], ctx.chunk_size):
                 rows = slice(start, start + ctx.chunk_size)
                 chunk = hidden[rows]
-                logits = _chunk_logits(chunk, weight, bias)
+                logits = _chunk_logits(chunk, weight, bias, ctx.temperature)
                 probs = torch.exp_(logits.sub_(logsumexp[rows, None]))
-                gradients.add(rows, chunk, weight, _grad_logits(probs, targets[rows], grad_logps[rows, None]))
-        return *gradients.result(), None, None, None, None
+                grad_logits = _grad_logits(probs, targets[rows], ctx.temperature, grad_logps[rows, None])
+                gradients.add(rows, chunk, weight, grad_logits)
+        return *gradients.result(), *rest
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -145,8 +159,11 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def _valid_rows_logps(hidden, weight, targets, chunk_size, bias, with_metrics, reduce_sum):
-    """The head on the rows whose target is not ignored: (valid mask, log-probs or their sum, correct, entropy)."""
+def _valid_rows_logps(
+    hidden, weight, targets, chunk_size, bias, with_metrics, reduce_sum, temperature=1.0, precompute=None
+):
+    """The head on the rows whose target is not ignored: (valid mask, log-probs or their sum, correct, entropy,
+    mean logit, log sum of squared probabilities)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hidden = hidden.reshape(-1, hidden.shape[-1])
@@ -162,6 +179,8 @@ def _valid_rows_logps(hidden, weight, targets, chunk_size, bias, with_metrics, r
         chunk_size,
         with_metrics,
         reduce_sum,
+        temperature,
+        torch.is_grad_enabled() and (reduce_sum if precompute is None else precompute),
     )
     return valid, *outputs
 
@@ -179,7 +198,7 @@ def per_token_logps(
     caller); `weight` [V, H] is `lm_head.weight`. Differentiable in hidden, weight and bias; what DPO, KTO and
     ORPO sum per sequence.
     """
-    valid, logps, _, _ = _valid_rows_logps(hidden, weight, targets, chunk_size, bias, False, reduce_sum=False)
+    valid, logps, *_ = _valid_rows_logps(hidden, weight, targets, chunk_size, bias, False, reduce_sum=False)
     return logps.new_zeros(valid.shape).masked_scatter(valid, logps).view(targets.shape)
 
 
@@ -216,7 +235,7 @@ def causal_lm_loss(
     """
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
-    valid, logp_sum, correct, entropy = _valid_rows_logps(
+    valid, logp_sum, correct, entropy, *_ = _valid_rows_logps(
         hidden, weight, shift_labels, chunk_size, bias, metrics, reduce_sum=True
     )
     num_tokens = valid.sum()
@@ -225,3 +244,50 @@ def causal_lm_loss(
     if not metrics:
         return LMHeadLoss(loss, num_tokens)
     return LMHeadLoss(loss, num_tokens, correct.sum(), entropy.sum())
+
+
+@dataclass
+class TokenScores:
+    """Per-token results of the LM head for TRL's fused-head outputs, each shaped like the targets (0 where
+    ignored): `log_probs` with gradient; the statistics without (None unless asked for)."""
+
+    log_probs: torch.Tensor
+    entropy: torch.Tensor | None = None
+    is_top1: torch.Tensor | None = None
+    mean_logits: torch.Tensor | None = None
+    log_sum_sq_probs: torch.Tensor | None = None
+
+
+def score_tokens(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    statistics: bool = True,
+    same_gradient_per_token: bool = False,
+) -> TokenScores:
+    """Log-probabilities of `targets` under `(hidden @ weight.T (+ bias)) / temperature` and, with `statistics`,
+    the entropy, top-1 hit, mean logit and log-sum of squared probabilities of each token, from the same chunks.
+
+    `hidden` [..., H] are already aligned with `targets` [...]. `same_gradient_per_token`: the caller's loss
+    gives every token the same upstream gradient (SFT's mean loss), so the forward computes the gradients while
+    it has the logits and the backward only scales them; otherwise the backward recomputes each chunk (it also
+    falls back to that when the gradients turn out not to be uniform).
+    """
+    valid, *outputs = _valid_rows_logps(
+        hidden, weight, targets, chunk_size, bias, statistics, False, temperature, same_gradient_per_token
+    )
+
+    def per_token(values: torch.Tensor) -> torch.Tensor:
+        # `masked_scatter` keeps the result connected to the model even when nothing is scored.
+        return values.new_zeros(valid.shape).masked_scatter(valid, values).view(targets.shape)
+
+    log_probs = per_token(outputs[0])
+    if not statistics:
+        return TokenScores(log_probs)
+    correct, entropy, mean_logits, log_sum_sq = outputs[1:]
+    return TokenScores(
+        log_probs, per_token(entropy), per_token(correct), per_token(mean_logits), per_token(log_sum_sq)
+    )

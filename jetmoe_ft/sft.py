@@ -20,6 +20,10 @@ class JetMoeSFTTrainer(JetMoeTrainerMixin, SFTTrainer):
     """TRL's `SFTTrainer` with the JetMoE trainer layer: next-token loss from our LM head, plus the router loss
     while training; the evaluation loss is the next-token loss alone."""
 
+    @property
+    def same_gradient_per_token(self) -> bool:
+        return self.args.loss_type == "nll"  # DFT weighs each token by its probability
+
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     """Run one SFT recipe; returns the final metrics."""

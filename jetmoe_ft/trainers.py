@@ -37,6 +37,7 @@ from .compat import in_backward, trl_metrics
 from .distributed import is_main_process, let_training_wrap_the_model
 from .drift import RoutingDriftProbe, probe_token_ids
 from .lm_head import install_lm_head
+from .lm_head_loss import DEFAULT_CHUNK_SIZE
 from .modeling import JetMoeForCausalLM, JetMoeModel
 from .modeling.modeling_jetmoe import router_loss_for
 from .routing import RoutingHealthCallback
@@ -166,6 +167,9 @@ def _finite_or_none(value):
 class JetMoeTrainerMixin:
     """Router loss once, its logging, routing health, prefixed evaluations; see the module docstring."""
 
+    same_gradient_per_token = False
+    """Whether the loop's loss gives every scored token the same gradient (a token mean, as SFT's)."""
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model)
@@ -191,14 +195,19 @@ class JetMoeTrainerMixin:
         scores tokens inside its `__init__`, like DPO's precomputed reference, calls this first)."""
         if getattr(self, "_lm_heads_installed", False):
             return
-        temperature = getattr(self, "temperature", 1.0)
+        options = getattr(self.args, "jetmoe", None)  # set by `parse_recipe`
+        chunk_size = getattr(options, "lm_head_chunk_size", DEFAULT_CHUNK_SIZE)
+        head = dict(
+            temperature=getattr(self, "temperature", 1.0),
+            chunk_size=chunk_size if getattr(options, "chunked_lm_head", True) else None,
+        )
         policy = self.accelerator.unwrap_model(self.model)
         policy = policy.get_base_model() if hasattr(policy, "get_base_model") else policy
         if isinstance(policy, JetMoeForCausalLM):
-            install_lm_head(policy, temperature=temperature)
+            install_lm_head(policy, same_gradient_per_token=self.same_gradient_per_token, **head)
         reference = getattr(self, "ref_model", None)
         if reference is not None:
-            install_lm_head(self.accelerator.unwrap_model(reference), reference=True, temperature=temperature)
+            install_lm_head(self.accelerator.unwrap_model(reference), reference=True, **head)
         self._lm_heads_installed = True
 
     # -- the router loss, once ------------------------------------------------------------------
