@@ -108,7 +108,13 @@ def _whole(weight: torch.Tensor) -> bool:
 def _scores_from_logits(head, hidden_states, targets, temperature: float, statistics: bool) -> TokenScores:
     """The same scores from the logits of the scored positions, built whole."""
     mask = targets != -100
-    logits = head(hidden_states[mask]).float() / temperature
+    hidden_states = hidden_states[mask]
+    if not torch.is_autocast_enabled(hidden_states.device.type):
+        # QLoRA: TRL keeps a trained head in bf16 while the norms before it stay fp32
+        parameters = list(head.parameters())
+        trained = [p for p in parameters if p.requires_grad] or parameters
+        hidden_states = hidden_states.to(trained[0].dtype)
+    logits = head(hidden_states).float() / temperature
     log_softmax = logits.log_softmax(-1)
     scored = log_softmax.gather(-1, targets[mask].unsqueeze(-1)).squeeze(-1)
 

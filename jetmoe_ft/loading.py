@@ -317,13 +317,6 @@ def check_quantization(recipe: Recipe) -> None:
             "load_in_4bit: 4-bit weights are frozen; train LoRA on them with `lora_targets:` (e.g. [moa_experts, "
             "moe_experts, kv_proj])."
         )
-    whole = sorted({"lm_head", "embed_tokens"} & set(recipe.adapters.lora_targets or []))
-    if whole:
-        raise RecipeError(
-            f"load_in_4bit: {', '.join(whole)} in lora_targets would train in bf16 (TRL casts QLoRA's trainable "
-            "weights) against QLoRA's fp32 norms; drop them from lora_targets for a 4-bit run, or train without "
-            "load_in_4bit."
-        )
     if recipe.model.bnb_4bit_quant_type not in QUANT_TYPES:
         raise RecipeError(
             f"bnb_4bit_quant_type: expected one of {', '.join(QUANT_TYPES)}, got {recipe.model.bnb_4bit_quant_type!r}."

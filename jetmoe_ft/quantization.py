@@ -199,4 +199,8 @@ def _linear_4bit(
     )
     if linear.bias is not None:
         quantized.bias = nn.Parameter(linear.bias.data.to(compute_dtype), requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks the weight for its inference kernel on the first forward in
+    # evaluation mode (our evaluation before training) and keeps it: that kernel has no backward, so the gradient
+    # through kv_proj to the layers below would be lost in training. QLoRA trains: keep the trainable layout.
+    quantized.support_avx512bf16_for_cpu = False
     return quantized.to(device or linear.weight.device)
