@@ -3,9 +3,13 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import TrainingArguments
-from trl import DPOConfig, RewardConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
+from trl.experimental.cpo import CPOConfig
+from trl.experimental.orpo import ORPOConfig
 
 from jetmoe_ft.cls import ClsArguments, RewardArguments
+from jetmoe_ft.grpo import GrpoArguments
+from jetmoe_ft.orpo import MethodArguments
 from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
@@ -14,6 +18,10 @@ LOOPS = {
     "dpo": DPOConfig,
     "cls": (TrainingArguments, ClsArguments),
     "rm": (RewardConfig, RewardArguments),
+    "kto": KTOConfig,
+    "orpo": (ORPOConfig, MethodArguments),
+    "simpo": (CPOConfig, MethodArguments),
+    "grpo": (GRPOConfig, GrpoArguments),
 }
 """Recipe kind (file or folder name) -> training arguments class, or (training class, task fields class)."""
 
