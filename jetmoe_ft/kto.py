@@ -24,7 +24,7 @@ from .data import load_recipe_datasets
 from .data.unpaired import check_unpaired, check_unpaired_formats, held_out_pairs, is_paired
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
+from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
 from .reference import (
     drop_fresh_reference_adapter,
     record_stacked_base,
@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     data = load_recipe_datasets(recipe.data, "kto", seed=args.seed)
     check_unpaired_formats(data)
     tokenizer = load_recipe_tokenizer(recipe)
+    resolve_pad_token(tokenizer)  # its own, else eos, else unk (KTO / ORPO configs have no `pad_token`)
     check_tokenizer(tokenizer, _as_pairs_for_check(data["train"]), args.max_length)
     data = check_unpaired(data, tokenizer, args, seed=args.seed)
     run = start_run(recipe, data)

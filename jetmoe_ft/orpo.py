@@ -30,7 +30,7 @@ from .data import check_preferences, load_recipe_datasets
 from .data.sources import TASK_COLUMNS, TASK_HINTS
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer
+from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
 from .reference import record_stacked_base
 from .runs import (
     finish_run,
@@ -156,6 +156,7 @@ def main(argv: list[str] | None = None, default_method: str = "orpo") -> dict[st
 
     data = load_recipe_datasets(recipe.data, method, seed=args.seed)
     tokenizer = load_recipe_tokenizer(recipe)
+    resolve_pad_token(tokenizer)  # its own, else eos, else unk (KTO / ORPO configs have no `pad_token`)
     check_tokenizer(tokenizer, data["train"], args.max_length)
     # TRL truncates the answer, never the prompt: a prompt of max_length tokens leaves no answer to score.
     pair_args = SimpleNamespace(
