@@ -16,7 +16,15 @@ from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .config import Recipe, RecipeError
-from .distributed import check_launch, is_main_process, prepare_final_save
+from .distributed import (
+    LOST_PROCESS_EXIT,
+    check_launch,
+    is_main_process,
+    prepare_final_save,
+    report_lost_process,
+    stop_watching,
+    watch_processes,
+)
 from .model_card import write_model_card
 from .provenance import RunFingerprintCallback, claim_output_dir, run_fingerprint
 from .trainers import NonFiniteTrainingError
@@ -113,6 +121,8 @@ def start_run(recipe: Recipe, data) -> RunStart:
     fingerprint = run_fingerprint(recipe, data)
     claim_output_dir(recipe, fingerprint, resume_from)
     _ACTIVE_OUTPUT_DIR[:] = [recipe.training.output_dir]
+    # several processes: a lost one stops the others (one line, exit 4)
+    watch_processes(recipe.training.output_dir, _resume_hint)
     return RunStart(resume_from, fingerprint)
 
 
@@ -177,21 +187,32 @@ def peak_memory_mb() -> float:
 
 def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None = None) -> int:
     """Run a loop's `main` as a command, each ending one line on stderr, not a traceback: a user mistake
-    (exit 2), a non-finite loss or gradient (exit 3), Ctrl-C (exit 130, with where to resume)."""
+    (exit 2), a non-finite loss or gradient (exit 3), another process of a multi-process run gone (exit 4, with
+    where to resume; `distributed.ProcessWatch`), Ctrl-C (exit 130, with where to resume)."""
     try:
         main(argv)
     except RecipeError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return _ended(2)
     except NonFiniteTrainingError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 3
+        return _ended(3)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {_resume_hint()}", file=sys.stderr)
-        return 130
+        return _ended(130)
     except SystemExit as stop:  # `--help` printed the recipe keys
-        return stop.code if isinstance(stop.code, int) else 0
-    return 0
+        return _ended(stop.code if isinstance(stop.code, int) else 0)
+    except Exception:
+        if report_lost_process():  # e.g. gloo's "Connection reset by peer" in the next collective
+            return LOST_PROCESS_EXIT
+        raise  # a crash of this process: its peers report it as gone
+    return _ended(0)
+
+
+def _ended(status: int) -> int:
+    """This process ends on purpose: its peers must not report it as lost."""
+    stop_watching()
+    return status
 
 
 def _resume_hint() -> str:
@@ -201,4 +222,4 @@ def _resume_hint() -> str:
     checkpoint = last_complete_checkpoint(output_dir)
     if checkpoint is None:
         return f"no checkpoint in {output_dir} yet; the run starts over."
-    return f"last checkpoint {checkpoint}; resume with the same command and --resume_from_checkpoint true."
+    return f"the last checkpoint is {checkpoint}; resume with the same command and --resume_from_checkpoint true."
