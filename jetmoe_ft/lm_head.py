@@ -122,11 +122,12 @@ def _scores_from_logits(head, hidden_states, targets, temperature: float, statis
         # `masked_scatter` keeps the result connected to the model even when nothing is scored.
         return values.new_zeros(mask.shape).masked_scatter(mask, values)
 
+    log_probs = per_token(scored)  # with gradient: outside the no_grad block below
     if not statistics:
-        return TokenScores(per_token(scored))
+        return TokenScores(log_probs)
     with torch.no_grad():
         return TokenScores(
-            per_token(scored),
+            log_probs,
             entropy=per_token(-(log_softmax.exp() * log_softmax).sum(-1)),
             is_top1=per_token(logits.argmax(-1) == targets[mask]),
             mean_logits=per_token(logits.mean(-1)),

@@ -257,3 +257,31 @@ def test_reference_free_router_loss_is_the_models_and_stays_out_of_evaluation(tm
     with torch.no_grad():
         evaluation = weighted.compute_loss(weighted.model, dict(batch))
     torch.testing.assert_close(evaluation, losses["plain"].detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("loop", ["sft", "dpo"])
+def test_chunked_and_plain_lm_heads_give_the_same_loss_and_gradients(tmp_path, loop):
+    """`chunked_lm_head: false` (plain logits of the scored positions, also the path of a LoRA-wrapped head)
+    trains exactly as the chunked head does."""
+    from types import SimpleNamespace
+
+    results = []
+    for chunked in (True, False):
+        trainer = LOOPS[loop](tmp_path / str(chunked), 0.0)
+        trainer.args.jetmoe = SimpleNamespace(chunked_lm_head=chunked, lm_head_chunk_size=7)
+        trainer._lm_heads_installed = False
+        policy = trainer.model
+        policy.forward = policy.forward.__wrapped__  # TRL's fused forward, wrapped again with these options
+        trainer.install_lm_heads()
+        batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+        trainer.model.train()
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        loss.backward()
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results.append((loss.detach(), grads))
+    (chunked_loss, chunked_grads), (plain_loss, plain_grads) = results
+    torch.testing.assert_close(chunked_loss, plain_loss, rtol=1e-5, atol=1e-6)
+    # the head is tied to the input embeddings: its gradient is the embeddings'
+    assert chunked_grads.keys() == plain_grads.keys() and "model.embed_tokens.weight" in chunked_grads
+    for name in chunked_grads:
+        torch.testing.assert_close(chunked_grads[name], plain_grads[name], rtol=1e-4, atol=1e-6, msg=name)
