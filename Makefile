@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench lint format clean sft dpo cls rm eval-cls eval-gen recipes
+.PHONY: install test bench bench-decode lint format clean sft dpo cls rm eval-cls eval-gen recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,8 +30,12 @@ install:  ## create .venv and install the project (CPU torch first when there is
 test:  ## the whole test suite, offline
 	$(BIN)/python -m pytest -q tests
 
-bench:  ## benchmarks against transformers' JetMoe, one JSON line per case
+bench:  ## benchmarks against transformers' JetMoe (training, checkpointing, LoRA, decoding) and the chunked LM head's memory
 	$(BIN)/python bench/bench_model.py
+	$(BIN)/python bench/bench_memory.py
+
+bench-decode:  ## decoding only: ours eager and compiled (static cache) against transformers' eager
+	$(BIN)/python bench/bench_model.py --cases 'decode-*' --threads 1
 
 sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)

@@ -43,6 +43,18 @@ PRIVATE_APIS = (
         "within the global batch (the same estimate as one process on that batch)",
     ),
     (
+        "transformers.utils.output_capturing",
+        "capture_outputs",
+        "transformers 5.24.0",
+        "transformers' own output recording (`_can_record_outputs`): hidden states / attentions by layer index",
+    ),
+    (
+        "transformers.utils.output_capturing",
+        "OutputRecorder",
+        "transformers 5.24.0",
+        "names which submodule's output is recorded as which model output",
+    ),
+    (
         "peft",
         "LoraConfig._register_custom_module",
         "peft 0.21.2",

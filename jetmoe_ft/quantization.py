@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compat import grouped_mm
 from .modeling.experts import Routing, grouped_mm_supported
 from .modeling.modeling_jetmoe import JetMoeParallelExperts
 
@@ -117,7 +118,7 @@ def _expert_linear_4bit(
     if use_grouped:
         weight = experts.dequantize()
         weight = weight.transpose(-2, -1).contiguous() if transpose else weight
-        return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
+        return grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
     ends = routing.group_ends.tolist()
     outputs = []
     for e, (start, end) in enumerate(zip([0, *ends[:-1]], ends, strict=True)):

@@ -16,6 +16,8 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..compat import grouped_mm
+
 
 @dataclass
 class ExpertRouting:
@@ -170,7 +172,7 @@ def grouped_linear(rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.T
     A custom op so `torch.compile` treats it as one opaque call: the meta function of `_grouped_mm`
     accepts bf16 only (a CUDA rule), which would otherwise stop compiling fp32 models on the CPU.
     """
-    return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=group_ends)
+    return grouped_mm(rows, weight.transpose(-2, -1), offs=group_ends)
 
 
 @grouped_linear.register_fake
@@ -183,8 +185,8 @@ def grouped_linear_backward(
     grad_output: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of `grouped_linear` with respect to its rows and its `[E, out, in]` weight."""
-    grad_rows = torch._grouped_mm(grad_output, weight, offs=group_ends)
-    grad_weight = torch._grouped_mm(grad_output.t(), rows, offs=group_ends)
+    grad_rows = grouped_mm(grad_output, weight, offs=group_ends)
+    grad_weight = grouped_mm(grad_output.t(), rows, offs=group_ends)
     # An expert with no rows gets no gradient; don't trust what the kernel left in its slice.
     group_sizes = torch.diff(group_ends, prepend=group_ends.new_zeros(1))
     grad_weight = torch.where((group_sizes > 0)[:, None, None], grad_weight, 0)
@@ -219,7 +221,7 @@ def grouped_mm_expert_linear(
     if torch.compiler.is_compiling():
         return grouped_linear(rows, weight, routing.group_ends)
     # Eager: the op itself, with its own autograd, costs less per call than the custom-op wrapper.
-    return torch._grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
+    return grouped_mm(rows, weight.transpose(-2, -1), offs=routing.group_ends)
 
 
 def rows_expert_linear(rows: torch.Tensor, weight: torch.Tensor, routing: Routing) -> torch.Tensor:
