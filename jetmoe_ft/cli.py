@@ -15,9 +15,17 @@ from .config import AdapterArguments, DataArguments, JetMoeArguments, dataclass_
 COMMANDS = {
     "sft": ("jetmoe_ft.sft", "cli", "supervised fine-tuning from a recipe"),
     "dpo": ("jetmoe_ft.dpo", "cli", "preference alignment (DPO) from a recipe"),
+    "kto": ("jetmoe_ft.kto", "cli", "unpaired preference alignment (KTO) from a recipe"),
+    "orpo": ("jetmoe_ft.orpo", "cli", "reference-free preference alignment (ORPO; SimPO with method: simpo)"),
+    "simpo": ("jetmoe_ft.orpo", "simpo_cli", "reference-free preference alignment (SimPO) from a recipe"),
+    "grpo": ("jetmoe_ft.grpo", "cli", "online RL (GRPO) with reward heads and checkable rewards"),
     "cls": ("jetmoe_ft.cls", "cli", "train a classifier or reward model (num_labels: 1) from a recipe"),
     "eval-cls": ("jetmoe_ft.evaluate", "cli", "evaluate a trained classification or reward head"),
-    "eval-gen": ("jetmoe_ft.eval_gen", "cli", "compare a fine-tune's answers, rewards, instructions and routing with its base"),
+    "eval-gen": (
+        "jetmoe_ft.eval_gen",
+        "cli",
+        "a fine-tune's answers, rewards, instructions, routing vs its base",
+    ),
     "chat": ("jetmoe_ft.chat", "main", "generate replies with a trained model"),
     "recipes": ("jetmoe_ft.cli", "list_recipes", "list the shipped recipes with what each one does"),
 }

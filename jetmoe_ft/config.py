@@ -60,7 +60,9 @@ class JetMoeArguments:
             "help": "Score tokens with the chunked LM head (no [tokens, vocab] logits kept); false builds the logits."
         },
     )
-    lm_head_chunk_size: int = field(default=1024, metadata={"help": "Tokens per chunk of the chunked LM head."})
+    lm_head_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per chunk of the chunked LM head."}
+    )
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start a fresh run in an output_dir that holds another run's checkpoints."},

@@ -27,7 +27,6 @@ from .adapt import adapt_model
 from .compat import trl_stored_metrics
 from .config import RecipeError, parse_recipe, read_recipe_file
 from .data import check_preferences, load_recipe_datasets
-from .data.sources import TASK_COLUMNS, TASK_HINTS
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
@@ -44,9 +43,6 @@ from .runs import (
 from .trainers import JetMoeTrainerMixin
 
 METHODS = ("orpo", "simpo")
-for _method in METHODS:  # the columns `load_recipe_datasets(..., method)` accepts: DPO's pairs
-    TASK_COLUMNS.setdefault(_method, TASK_COLUMNS["dpo"])
-    TASK_HINTS.setdefault(_method, TASK_HINTS["dpo"])
 REFERENCE_FREE = {
     "orpo": "ORPO: no reference model (reference-free: odds-ratio term + the chosen answer's LM loss); "
     "one copy of the weights.",

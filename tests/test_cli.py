@@ -9,7 +9,9 @@ from jetmoe_ft.cli import main
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize(("command", "own_key"), [("sft", "packing"), ("dpo", "beta"), ("cls", "label_column")])
+@pytest.mark.parametrize(
+    ("command", "own_key"), [("sft", "packing"), ("dpo", "beta"), ("cls", "label_column")]
+)
 def test_help_lists_the_recipe_keys_by_group_with_defaults(capsys, command, own_key):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out

@@ -8,9 +8,9 @@ from trl.experimental.cpo import CPOConfig
 from trl.experimental.orpo import ORPOConfig
 
 from jetmoe_ft.cls import ClsArguments, RewardArguments
+from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 from jetmoe_ft.grpo import GrpoArguments
 from jetmoe_ft.orpo import MethodArguments
-from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
 LOOPS = {

@@ -38,7 +38,15 @@ def test_a_diverging_run_stops_with_exit_3_and_writes_no_model(tmp_path, capsys)
 def test_non_finite_steps_can_be_skipped_a_bounded_number_of_times(tmp_path, capsys):
     # fp32 overflow from the first step on: each step is skipped until the budget is spent
     status = _sft(
-        tmp_path, "--learning_rate", "1e6", "--warmup_steps", "0", "--max_steps", "6", "--nonfinite_skip_steps", "2"
+        tmp_path,
+        "--learning_rate",
+        "1e6",
+        "--warmup_steps",
+        "0",
+        "--max_steps",
+        "6",
+        "--nonfinite_skip_steps",
+        "2",
     )
     out = capsys.readouterr()
     assert status == 3
@@ -58,14 +66,32 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_same_seed_same_classifier_and_dpo(tmp_path):
-    common = ["--max_train_samples", "8", "--max_eval_samples", "4", "--max_steps", "2", "--save_strategy", "no"]
-    common += ["--report_to", "none", "--model_name_or_path", "jetmoe-ft/tiny", "--per_device_train_batch_size", "2"]
+    common = [
+        "--max_train_samples",
+        "8",
+        "--max_eval_samples",
+        "4",
+        "--max_steps",
+        "2",
+        "--save_strategy",
+        "no",
+    ]
+    common += [
+        "--report_to",
+        "none",
+        "--model_name_or_path",
+        "jetmoe-ft/tiny",
+        "--per_device_train_batch_size",
+        "2",
+    ]
     for name, cli, recipe in (("cls", cls_cli, "cls.yaml"), ("dpo", dpo_cli, "dpo.yaml")):
         weights = []
         for run in ("a", "b"):
             output_dir = tmp_path / f"{name}-{run}"
             extra = ["--max_length", "48"]
-            assert cli(["--config", str(TINY / recipe), "--output_dir", str(output_dir), *common, *extra]) == 0
+            assert (
+                cli(["--config", str(TINY / recipe), "--output_dir", str(output_dir), *common, *extra]) == 0
+            )
             weights.append(load_file(output_dir / "model.safetensors"))
         for key in weights[0]:
             assert torch.equal(weights[0][key], weights[1][key]), (name, key)
@@ -77,12 +103,16 @@ def test_runs_do_not_mix_in_one_output_dir(tmp_path, capsys):
     assert _sft(tmp_path, "--max_steps", "2", "--learning_rate", "1e-4") == 2
     assert "holds checkpoints of another run" in capsys.readouterr().err
     # resuming with another recipe would give the old run's weights under the new recipe's name
-    assert _sft(tmp_path, "--max_steps", "4", "--learning_rate", "1e-4", "--resume_from_checkpoint", "true") == 2
+    assert (
+        _sft(tmp_path, "--max_steps", "4", "--learning_rate", "1e-4", "--resume_from_checkpoint", "true") == 2
+    )
     err = capsys.readouterr().err
     assert "written by another recipe" in err and "learning_rate" in err
     # the same recipe resumes; forcing is explicit
     assert _sft(tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "true") == 0
-    assert _sft(tmp_path, "--max_steps", "2", "--learning_rate", "1e-4", "--overwrite_output_dir", "true") == 0
+    assert (
+        _sft(tmp_path, "--max_steps", "2", "--learning_rate", "1e-4", "--overwrite_output_dir", "true") == 0
+    )
 
 
 def test_a_second_run_on_a_busy_output_dir_stops_at_once(tmp_path):

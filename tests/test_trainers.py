@@ -119,7 +119,10 @@ def test_logged_loss_carries_the_router_loss_once(tmp_path, loop):
     assert weighted["loss"] - plain["loss"] == pytest.approx(coef * weighted["aux_loss"], rel=1e-3, abs=1e-5)
     assert "routing/layer1.moe.entropy" in weighted
     if loop in ("sft", "classifier"):  # drift from the start model on a fixed probe batch of training rows
-        assert 0.0 <= weighted["routing/layer1.moe.topk_kept"] <= 1.0 and weighted["routing/layer0.moa.kl"] >= 0.0
+        assert (
+            0.0 <= weighted["routing/layer1.moe.topk_kept"] <= 1.0
+            and weighted["routing/layer0.moa.kl"] >= 0.0
+        )
 
 
 @pytest.mark.parametrize("loop", LOOPS)
@@ -229,7 +232,10 @@ def test_reference_free_logged_loss_carries_the_router_loss_once(tmp_path, loop)
     assert weighted["loss"] - plain["loss"] == pytest.approx(coef * weighted["aux_loss"], rel=1e-3, abs=1e-5)
     assert "routing/layer1.moe.entropy" in weighted
     if loop in ("sft", "classifier"):  # drift from the start model on a fixed probe batch of training rows
-        assert 0.0 <= weighted["routing/layer1.moe.topk_kept"] <= 1.0 and weighted["routing/layer0.moa.kl"] >= 0.0
+        assert (
+            0.0 <= weighted["routing/layer1.moe.topk_kept"] <= 1.0
+            and weighted["routing/layer0.moa.kl"] >= 0.0
+        )
 
 
 @pytest.mark.parametrize("loop", REFERENCE_FREE_LOOPS)

@@ -11,15 +11,7 @@ from __future__ import annotations
 from datasets import Dataset, DatasetDict
 
 from ..config import RecipeError
-from .sources import TASK_COLUMNS, TASK_HINTS, check_columns
-
-# The columns `load_recipe_datasets(..., "grpo")` accepts (kept beside the code that reads them).
-TASK_COLUMNS.setdefault("grpo", ({"prompt"}, {"messages"}))
-TASK_HINTS.setdefault(
-    "grpo",
-    "`prompt` (text or a conversation) or `messages` (conversations: the prompt is every turn before the last "
-    "assistant turn)",
-)
+from .sources import check_columns
 
 
 def conversation_prompt(messages: list[dict]) -> list[dict] | None:

@@ -24,12 +24,22 @@ TASK_COLUMNS = {
     "dpo": ({"chosen", "rejected"},),
     "cls": ({"text", "label"},),
     "rm": ({"chosen", "rejected"},),
+    "kto": ({"prompt", "completion", "label"}, {"chosen", "rejected"}),
+    "orpo": ({"chosen", "rejected"},),
+    "simpo": ({"chosen", "rejected"},),
+    "grpo": ({"prompt"}, {"messages"}),
 }
 TASK_HINTS = {
     "sft": "`messages` (conversations), `text` (plain text), or `prompt` + `completion`",
     "dpo": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
     "cls": "`text` + `label`",
     "rm": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
+    "kto": "`prompt` + `completion` + `label` (true: desirable, false: undesirable), or pairs `chosen` + `rejected` "
+    "(and `prompt`, unless it is implicit in the conversations)",
+    "orpo": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
+    "simpo": "`chosen` + `rejected` (and `prompt`, unless it is implicit in the conversations)",
+    "grpo": "`prompt` (text or a conversation) or `messages` (conversations: the prompt is every turn before the "
+    "last assistant turn)",
 }
 
 

@@ -27,17 +27,9 @@ from datasets import Dataset, DatasetDict
 from ..config import RecipeError
 from .preferences import _check_formats as _check_pair_formats
 from .preferences import _is_empty, _prompt_lengths, check_preferences
-from .sources import TASK_COLUMNS, TASK_HINTS, check_columns
+from .sources import check_columns
 
 UNPAIRED_COLUMNS = ("prompt", "completion", "label")
-
-# The columns `load_recipe_datasets(..., "kto")` accepts (kept beside the check that needs them).
-TASK_COLUMNS.setdefault("kto", (set(UNPAIRED_COLUMNS), {"chosen", "rejected"}))
-TASK_HINTS.setdefault(
-    "kto",
-    "`prompt` + `completion` + `label` (true: desirable, false: undesirable), or pairs `chosen` + `rejected` "
-    "(and `prompt`, unless it is implicit in the conversations)",
-)
 
 
 def is_paired(dataset: Dataset) -> bool:
