@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench bench-decode lint format clean sft dpo cls rm eval-cls eval-gen recipes
+.PHONY: install test bench bench-decode lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,6 +43,17 @@ sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 dpo:  ## preference alignment (DPO): recipes/tiny/dpo.yaml from the `make sft` output unless RECIPE=path.yaml
 	@$(if $(RECIPE)$(wildcard outputs/tiny-sft/config.json),,echo "No outputs/tiny-sft (run make sft first): DPO starts from the random jetmoe-ft/tiny.")
 	$(BIN)/jetmoe-ft dpo --config $(or $(RECIPE),recipes/tiny/dpo.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny))
+
+kto:  ## unpaired preference alignment (KTO): recipes/tiny/kto.yaml from the `make sft` output unless RECIPE=path.yaml
+	@$(if $(RECIPE)$(wildcard outputs/tiny-sft/config.json),,echo "No outputs/tiny-sft (run make sft first): KTO starts from the random jetmoe-ft/tiny.")
+	$(BIN)/jetmoe-ft kto --config $(or $(RECIPE),recipes/tiny/kto.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny))
+
+orpo:  ## reference-free preference alignment (ORPO): recipes/tiny/orpo.yaml from the `make sft` output unless RECIPE=path.yaml
+	@$(if $(RECIPE)$(wildcard outputs/tiny-sft/config.json),,echo "No outputs/tiny-sft (run make sft first): ORPO starts from the random jetmoe-ft/tiny.")
+	$(BIN)/jetmoe-ft orpo --config $(or $(RECIPE),recipes/tiny/orpo.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny))
+
+grpo:  ## online RL (GRPO): recipes/tiny/grpo.yaml from the `make sft` output, rewards from outputs/tiny-rm (`make rm`) when it exists
+	$(BIN)/jetmoe-ft grpo --config $(or $(RECIPE),recipes/tiny/grpo.yaml)
 
 cls:  ## classifier (reward model with num_labels: 1): recipes/tiny/cls.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft cls --config $(or $(RECIPE),recipes/tiny/cls.yaml)
