@@ -24,7 +24,13 @@ from .data import load_recipe_datasets
 from .data.unpaired import check_unpaired, check_unpaired_formats, held_out_pairs, is_paired
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
+from .loading import (
+    check_recipe_model,
+    check_tokenizer,
+    load_recipe_model,
+    load_recipe_tokenizer,
+    resolve_pad_token,
+)
 from .reference import (
     drop_fresh_reference_adapter,
     record_stacked_base,
@@ -117,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     prepare_processes()
     recipe = parse_recipe(KTOConfig, argv)
     args = recipe.training
+    check_recipe_model(recipe)  # against the model's config.json, before data or weights load
 
     data = load_recipe_datasets(recipe.data, "kto", seed=args.seed)
     check_unpaired_formats(data)

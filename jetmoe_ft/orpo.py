@@ -29,7 +29,13 @@ from .config import RecipeError, parse_recipe, read_recipe_file
 from .data import check_preferences, load_recipe_datasets
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
-from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
+from .loading import (
+    check_recipe_model,
+    check_tokenizer,
+    load_recipe_model,
+    load_recipe_tokenizer,
+    resolve_pad_token,
+)
 from .reference import record_stacked_base
 from .runs import (
     finish_run,
@@ -146,6 +152,7 @@ def main(argv: list[str] | None = None, default_method: str = "orpo") -> dict[st
     """Run one ORPO or SimPO recipe; returns the final metrics."""
     prepare_processes()
     recipe = parse_method_recipe(argv, default_method)
+    check_recipe_model(recipe)  # against the model's config.json, before data or weights load
     method, args = recipe.task.method, recipe.training
     if is_main_process():
         print(REFERENCE_FREE[method])
