@@ -29,12 +29,11 @@ from .reference import (
 )
 from .runs import (
     finish_run,
-    peak_memory_mb,
+    memory_metrics,
     prepare_processes,
     run_command,
     start_run,
     train_with_evaluations,
-    weights_mb,
 )
 from .trainers import JetMoeTrainerMixin
 
@@ -83,8 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     metrics.update(
         {
             "reference": reference_kind(trainer),
-            "memory/weights_mb": weights_mb(trainer.model, trainer.ref_model),
-            "memory/peak_mb": peak_memory_mb(),
+            **memory_metrics(trainer),
         }
     )
     finish_run(

@@ -39,12 +39,11 @@ from .loading import (
 from .reference import record_stacked_base
 from .runs import (
     finish_run,
-    peak_memory_mb,
+    memory_metrics,
     prepare_processes,
     run_command,
     start_run,
     train_with_evaluations,
-    weights_mb,
 )
 from .trainers import JetMoeTrainerMixin
 
@@ -183,8 +182,7 @@ def main(argv: list[str] | None = None, default_method: str = "orpo") -> dict[st
         {
             "method": method,
             "reference": "none",
-            "memory/weights_mb": weights_mb(trainer.model),
-            "memory/peak_mb": peak_memory_mb(),
+            **memory_metrics(trainer),
         }
     )
     what = (

@@ -164,6 +164,14 @@ def _is_non_finite(value: Any) -> bool:
     return isinstance(value, float) and not math.isfinite(value)
 
 
+def memory_metrics(trainer) -> dict[str, float]:
+    """`memory/weights_mb` (the policy and its reference model, if any) and `memory/peak_mb` of this process."""
+    return {
+        "memory/weights_mb": weights_mb(trainer.model, getattr(trainer, "ref_model", None)),
+        "memory/peak_mb": peak_memory_mb(),
+    }
+
+
 def weights_mb(*models: torch.nn.Module | None) -> float:
     """Memory held by the parameters and buffers of `models`, each storage counted once, in MiB."""
     seen, total = set(), 0
