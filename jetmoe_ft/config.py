@@ -6,12 +6,7 @@ the command line. Every user mistake found here raises `RecipeError`: one line n
 the fix, before any model or data set is loaded.
 """
 
-import argparse
-import dataclasses
-import difflib
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +15,17 @@ import yaml
 from trl import ModelConfig, TrlParser
 
 from .compat import parser_actions
+from .errors import RecipeError
 from .modeling.configuration_jetmoe import MOE_BACKENDS
-
-
-class RecipeError(ValueError):
-    """A mistake in a recipe or its overrides, explained in one line."""
+from .recipe_values import (
+    YamlValue,
+    coerce,
+    command_line_keys,
+    did_you_mean,
+    field_types,
+    plain,
+    read_recipe_file,
+)
 
 
 @dataclass
@@ -100,13 +101,6 @@ FREEZE_ROUTER = ("none", "all", "moa", "moe")
 EXPERT_SCORES = ("gate", "token")
 
 
-class YamlValue:
-    """A field that takes any YAML value (a word, a list, a mapping); on the command line, YAML text."""
-
-    def __new__(cls, text: str) -> Any:
-        return yaml.safe_load(text)
-
-
 @dataclass
 class AdapterArguments:
     """What to train: expert-aware LoRA targets, which experts, frozen routers (see `jetmoe_ft.adapt`)."""
@@ -159,7 +153,7 @@ class AdapterArguments:
         for name in self.lora_targets or []:
             if name not in LORA_TARGETS:
                 raise RecipeError(
-                    f"lora_targets: unknown target `{name}`{_did_you_mean(name, LORA_TARGETS)}; "
+                    f"lora_targets: unknown target `{name}`{did_you_mean(name, LORA_TARGETS)}; "
                     f"valid: {', '.join(LORA_TARGETS)}."
                 )
         for key in ("lora_experts", "finetune_experts"):
@@ -234,9 +228,7 @@ class DataArguments:
                 )
             for key in entry:
                 if key not in DATASET_ENTRY_KEYS:
-                    raise RecipeError(
-                        f"{where}: unknown key `{key}`{_did_you_mean(key, DATASET_ENTRY_KEYS)}."
-                    )
+                    raise RecipeError(f"{where}: unknown key `{key}`{did_you_mean(key, DATASET_ENTRY_KEYS)}.")
             if "path" not in entry:
                 raise RecipeError(
                     f"{where}: `path:` is missing (an embedded name, a local file or a hub id)."
@@ -304,7 +296,7 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     parser = TrlParser(groups)
     parser.error = _one_line_error  # a bad `--key value` is one line, not argparse's usage dump
     actions = parser_actions(parser)
-    field_types = _field_types(groups)
+    types_of = field_types(groups)
 
     path, values = None, {}
     if "--config" not in argv and not {"--dataset_name", "--datasets"} & {a.split("=", 1)[0] for a in argv}:
@@ -318,10 +310,10 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         path = Path(argv[index + 1])
         del argv[index : index + 2]
         values = read_recipe_file(path)
-    values = {key: _coerce(key, value, actions, field_types) for key, value in values.items()}
+    values = {key: coerce(key, value, actions, types_of) for key, value in values.items()}
     parser.set_defaults_with_config(**values)
 
-    override_keys = _command_line_keys(argv, actions)
+    override_keys = command_line_keys(argv, actions)
     try:
         parsed = parser.parse_args_into_dataclasses(args=argv)
     except RecipeError:
@@ -335,7 +327,7 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         raise RecipeError(f"{path or 'recipe'}: {error}") from None
     for key in override_keys:
         owner = next(group for group in parsed if hasattr(group, key))
-        values[key] = _plain(getattr(owner, key))
+        values[key] = plain(getattr(owner, key))
     data, training, model, jetmoe, adapters, *task = parsed
     training.jetmoe = jetmoe  # the trainer layer reads the run-level JetMoE keys from its arguments
     if jetmoe.aux_loss_coef is not None and getattr(training, "router_aux_loss_coef", None) is not None:
@@ -407,134 +399,6 @@ def dataclass_types(training_cls: type, task_cls: type | None = None) -> list[ty
     return types_ + [task_cls] if task_cls is not None else types_
 
 
-def read_recipe_file(path: Path) -> dict[str, Any]:
-    """The YAML mapping of a recipe file, with a readable error for a missing or malformed file."""
-    if not path.is_file():
-        raise RecipeError(f"--config: no recipe file at {path}.")
-    try:
-        values = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as error:
-        line = path.read_bytes()[: error.start].count(b"\n") + 1
-        raise RecipeError(f"{path}: line {line} is not UTF-8; save the recipe as UTF-8.") from None
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{path}:{where} is not valid YAML ({getattr(error, 'problem', error)}).") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise RecipeError(f"{path}: a recipe is a flat YAML mapping of `key: value` lines.")
-    if "config" in values:
-        raise RecipeError(f"{path}: `config` is not a recipe key (it is the --config flag itself).")
-    return values
-
-
 def recipe_keys(training_cls: type, task_cls: type | None = None) -> list[str]:
     """Every key a recipe for `training_cls` (and `task_cls`) accepts."""
-    return sorted(_field_types(dataclass_types(training_cls, task_cls)))
-
-
-def _field_types(dataclass_types) -> dict[str, Any]:
-    hints = {}
-    for cls in dataclass_types:
-        resolved = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            if f.init:
-                hints[f.name] = resolved.get(f.name, f.type)
-    return hints
-
-
-def _did_you_mean(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" (did you mean `{close[0]}`?)" if close else ""
-
-
-def _command_line_keys(argv: list[str], actions: dict[str, argparse.Action]) -> list[str]:
-    """The keys of the `--key value` overrides, refusing unknown ones with a suggestion."""
-    keys = []
-    for token in argv:
-        if token.startswith("--"):
-            key = token[2:].split("=", 1)[0].replace("-", "_")
-            if key not in actions:
-                raise RecipeError(f"--{key}: unknown option{_did_you_mean(key, actions)}.")
-            keys.append(key)
-    return keys
-
-
-def _plain(value: Any) -> Any:
-    """A YAML-friendly copy of a parsed value (enums become their value)."""
-    if isinstance(value, list | tuple):
-        return [_plain(item) for item in value]
-    return getattr(value, "value", value)
-
-
-def _allows(annotation, kind: type) -> bool:
-    """Whether a type annotation admits values of `kind` (dict, list, NoneType)."""
-    if annotation is YamlValue:
-        return True
-    if annotation is kind or typing.get_origin(annotation) is kind:
-        return True
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        return any(_allows(arg, kind) for arg in typing.get_args(annotation))
-    return False
-
-
-def _coerce(key: str, value: Any, actions: dict[str, argparse.Action], field_types: dict[str, Any]) -> Any:
-    """Check one YAML value against its field, converting what YAML reads loosely (`2e-5` is a string)."""
-    if key not in actions:
-        raise RecipeError(f"unknown key `{key}`{_did_you_mean(key, actions)}.")
-    action, annotation = actions[key], field_types.get(key)
-    if value is None:
-        return value
-    if isinstance(value, dict):
-        if _allows(annotation, dict):
-            return value
-        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got a mapping.")
-    if isinstance(value, list):
-        if _allows(annotation, list) and any(isinstance(item, dict) for item in value):
-            return value  # a list of mappings (`datasets:`), checked by its dataclass
-        if action.nargs in ("+", "*"):
-            return [_convert(key, item, action, annotation) for item in value]
-        if _allows(annotation, list):
-            return value
-        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got a list.")
-    return _convert(key, value, action, annotation)
-
-
-def _convert(key: str, value: Any, action: argparse.Action, annotation: Any) -> Any:
-    choices = list(action.choices) if action.choices is not None else None
-    if isinstance(value, bool) and choices and {"no", "yes"} & set(map(str, choices)):
-        value = "yes" if value else "no"  # YAML 1.1 reads a bare `no` as false
-    try:
-        converted = action.type(value if isinstance(value, str) else str(value)) if action.type else value
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
-        raise RecipeError(f"{key}: expected {_describe(action, annotation)}, got {value!r}.") from None
-    if choices is not None and converted not in choices and str(converted) not in map(str, choices):
-        raise RecipeError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}.")
-    return converted
-
-
-def _describe(action: argparse.Action, annotation: Any) -> str:
-    """What a field accepts, in words."""
-    if action.choices is not None:
-        return "one of " + ", ".join(map(str, action.choices))
-    kinds = typing.get_args(annotation) or (annotation,)
-    element_kinds = {arg for kind in kinds for arg in typing.get_args(kind)[:1]}
-    words = next(
-        (
-            text
-            for kind, text in (
-                (bool, "true or false"),
-                (int, "an integer"),
-                (float, "a number"),
-                (str, "a string"),
-            )
-            if kind in kinds or kind in element_kinds
-        ),
-        "a value",
-    )
-    if action.nargs in ("+", "*"):
-        return "a list of " + (
-            "true/false values" if words == "true or false" else words.split(" ", 1)[-1] + "s"
-        )
-    return words
+    return sorted(field_types(dataclass_types(training_cls, task_cls)))
