@@ -13,6 +13,9 @@ prompts plus the baseline's answers (`jetmoe_ft.drift`). `--lm_eval_tasks` adds 
 
 Writes `metrics.json`, `generations.jsonl`, `report.md`, `routing_drift.png` and `rewards.png` into
 `--output_dir` (default `DIR/eval-gen`), and prints the table.
+
+Long (over 400 lines) because the command's stages (prompts, baseline, generation, the five measurements,
+outputs) read top to bottom in one file; generation, checks, drift and the report live in their own modules.
 """
 
 from __future__ import annotations

@@ -1,4 +1,9 @@
-"""Tokenizer and model for a recipe: the embedded tiny default, a local directory, or a hub id."""
+"""Tokenizer and model for a recipe: the embedded tiny default, a local directory, or a hub id.
+
+Long (over 400 lines) because every way a model gets loaded — a recipe's start, a trained directory, an
+adapter on its base, a head — goes through the same strict checks (config before weights, missing or unexpected
+tensors refused), and they are kept beside the loaders that rely on them.
+"""
 
 import contextlib
 import importlib.util

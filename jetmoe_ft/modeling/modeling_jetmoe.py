@@ -16,6 +16,9 @@
 Checkpoint-compatible with transformers' JetMoe (same state-dict names, `[E, out, in]` experts), with
 sorted expert dispatch (`experts.py`), gradient checkpointing, eager/SDPA/flash-attention through
 transformers' attention interface, exact packed sequences, and the original JetMoE router loss.
+
+Long (over 400 lines) because, like transformers' model files, it reads top to bottom in one place: norm,
+rotary embedding, experts and routers, MoA and MoE blocks, attention, decoder layer, the models and heads.
 """
 
 from collections.abc import Callable
