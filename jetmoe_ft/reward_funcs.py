@@ -3,7 +3,7 @@
 ```yaml
 reward_funcs:
   - outputs/tiny-rm                        # a reward head trained here (`jetmoe-ft cls`, num_labels: 1), full or adapter
-  - no_repeated_ngrams                     # a built-in checkable reward (`jetmoe_ft.rewards.REWARDS`)
+  - no_repeated_ngrams                     # a built-in checkable reward (`jetmoe_ft.rewards.CHECKABLE_REWARDS`)
   - length_in_range: {low: 3, high: 30}    # ... with its arguments
   - my_rewards:brevity                     # a function of yours, `module:function` (arguments: the same mapping form)
 reward_weights: [1.0, 0.5, 0.5, 1.0]      # optional; GRPO sums the weighted rewards
@@ -33,7 +33,7 @@ from transformers import DataCollatorWithPadding
 
 from .config import RecipeError
 from .evaluate import head_config, load_head
-from .rewards import REWARDS
+from .rewards import CHECKABLE_REWARDS
 
 TRL_REWARD_KWARGS = {
     "prompts": [],
@@ -71,7 +71,7 @@ def parse_reward_funcs(entries: Any, missing_head_fallback: str | None = None) -
         where = f"reward_funcs[{index}]"
         name, kwargs = _name_and_kwargs(entry, where)
         if (
-            name not in REWARDS
+            name not in CHECKABLE_REWARDS
             and ":" not in name
             and not Path(name).expanduser().exists()
             and _is_path(name)
@@ -112,11 +112,11 @@ def _is_path(name: str) -> bool:
 
 
 def _spec(name: str, kwargs: dict[str, Any], where: str) -> RewardSpec:
-    if name in REWARDS:
+    if name in CHECKABLE_REWARDS:
         _check_arguments(
-            REWARDS[name], {"completion": "", "finished": True, **kwargs}, name, where, _usage(name)
+            CHECKABLE_REWARDS[name], {"completion": "", "finished": True, **kwargs}, name, where, _usage(name)
         )
-        return RewardSpec("builtin", name, REWARDS[name], kwargs)
+        return RewardSpec("builtin", name, CHECKABLE_REWARDS[name], kwargs)
     path = Path(name).expanduser()
     if path.is_dir():
         _check_reward_head(path, where)
@@ -129,17 +129,19 @@ def _spec(name: str, kwargs: dict[str, Any], where: str) -> RewardSpec:
             function, {**TRL_REWARD_KWARGS, **kwargs}, name, where, "(prompts, completions, **kwargs)"
         )
         return RewardSpec("function", name.split(":", 1)[1], function, kwargs)
-    close = difflib.get_close_matches(name, list(REWARDS), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(CHECKABLE_REWARDS), n=1, cutoff=0.6)
     hint = f" (did you mean `{close[0]}`?)" if close else ""
     raise RecipeError(
         f"{where}: `{name}` is not a built-in reward{hint}, a reward-model directory or module:function; "
-        f"built-ins: {', '.join(sorted(REWARDS))}."
+        f"built-ins: {', '.join(sorted(CHECKABLE_REWARDS))}."
     )
 
 
 def _usage(name: str) -> str:
     parameters = [
-        p for p in inspect.signature(REWARDS[name]).parameters if p not in ("completion", "finished")
+        p
+        for p in inspect.signature(CHECKABLE_REWARDS[name]).parameters
+        if p not in ("completion", "finished")
     ]
     return f"{{{', '.join(f'{p}: ...' for p in parameters)}}}" if parameters else "no arguments"
 

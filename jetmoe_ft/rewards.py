@@ -294,10 +294,11 @@ def ends_properly(completion: str, finished: bool) -> float:
 
 
 def no_repeated_ngrams(completion: str, n: int = 3) -> float:
-    """No sequence of `n` words appears twice (any case), and the answer is not empty."""
-    words = [word.lower() for word in _words(completion)]
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return _score(bool(words) and len(grams) == len(set(grams)))
+    """No sequence of `n` tokens (words and punctuation marks, any case) appears twice, and the answer has a word.
+    Punctuation counts, so `I am.......` repeats `. . .` (words alone would let a policy pad with dots)."""
+    tokens = [token.lower() for token in re.findall(r"\w+|[^\w\s]", completion)]
+    grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+    return _score(bool(_words(completion)) and len(grams) == len(set(grams)))
 
 
 def matches_regex(completion: str, pattern: str) -> float:
@@ -306,6 +307,9 @@ def matches_regex(completion: str, pattern: str) -> float:
     return _score(re.search(pattern, completion, re.DOTALL) is not None)
 
 
-REWARDS.update(
-    {fn.__name__: fn for fn in (length_in_range, ends_properly, no_repeated_ngrams, matches_regex)}
-)
+CHECKABLE_REWARDS: dict[str, Reward] = {
+    **REWARDS,
+    **{fn.__name__: fn for fn in (length_in_range, ends_properly, no_repeated_ngrams, matches_regex)},
+}
+"""Every checker a GRPO recipe can name as a reward: the instruction checkers of `REWARDS` and the four above
+(answer form rather than instructions: no embedded instruction prompt uses them)."""

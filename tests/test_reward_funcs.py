@@ -8,7 +8,7 @@ from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.config import RecipeError
 from jetmoe_ft.evaluate import pair_token_ids
 from jetmoe_ft.reward_funcs import build_reward_funcs, parse_reward_funcs
-from jetmoe_ft.rewards import REWARDS
+from jetmoe_ft.rewards import CHECKABLE_REWARDS
 
 from .conftest import tiny_kwargs
 
@@ -43,13 +43,16 @@ NOT_A_FUNCTION = 3
         ("no_repeated_ngrams", {"n": 2}, "a robot is a machine", 1.0),
         ("no_repeated_ngrams", {"n": 2}, "a robot is A ROBOT", 0.0),
         ("no_repeated_ngrams", {}, "", 0.0),
+        ("no_repeated_ngrams", {}, "I am.......", 0.0),  # padding with punctuation is repetition too
+        ("no_repeated_ngrams", {}, "...", 0.0),
+        ("no_repeated_ngrams", {}, "Yes. No. Yes, maybe.", 1.0),
         ("matches_regex", {"pattern": r"\d+ apples"}, "I have 12 apples.", 1.0),
         ("matches_regex", {"pattern": r"^\d+$"}, "12 apples", 0.0),
         ("matches_regex", {"pattern": r"^a.*z$"}, "a\nz", 1.0),
     ],
 )
 def test_new_checkable_rewards_on_hand_cases(name, kwargs, completion, expected):
-    assert REWARDS[name](completion, **kwargs) == expected
+    assert CHECKABLE_REWARDS[name](completion, **kwargs) == expected
 
 
 def test_built_ins_with_arguments_become_batch_rewards():
