@@ -198,8 +198,7 @@ def per_token_logps(
     caller); `weight` [V, H] is `lm_head.weight`. Differentiable in hidden, weight and bias; what DPO, KTO and
     ORPO sum per sequence.
     """
-    valid, logps, *_ = _valid_rows_logps(hidden, weight, targets, chunk_size, bias, False, reduce_sum=False)
-    return logps.new_zeros(valid.shape).masked_scatter(valid, logps).view(targets.shape)
+    return score_tokens(hidden, weight, targets, chunk_size, bias, statistics=False).log_probs
 
 
 @dataclass
