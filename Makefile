@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench bench-decode lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen recipes
+.PHONY: install test bench bench-decode bench-recipes lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -33,6 +33,9 @@ test:  ## the whole test suite, offline
 bench:  ## benchmarks against transformers' JetMoe (training, checkpointing, LoRA, decoding) and the chunked LM head's memory
 	$(BIN)/python bench/bench_model.py
 	$(BIN)/python bench/bench_memory.py
+
+bench-recipes:  ## whole tiny SFT (60 steps) / DPO (30 steps) recipes, fp32 + bf16, against TRL's own scripts with transformers' JetMoe
+	$(BIN)/python bench/bench_recipes.py
 
 bench-decode:  ## decoding only: ours eager and compiled (static cache) against transformers' eager
 	$(BIN)/python bench/bench_model.py --cases 'decode-*' --threads 1
