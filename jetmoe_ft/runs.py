@@ -1,10 +1,12 @@
 """What every training loop does around its trainer: threads, resuming, before/after evaluation, outputs."""
 
+import errno
 import json
 import math
 import os
 import re
 import resource
+import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -210,11 +212,30 @@ def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None 
         return _ended(130)
     except SystemExit as stop:  # `--help` printed the recipe keys
         return _ended(stop.code if isinstance(stop.code, int) else 0)
-    except Exception:
+    except Exception as error:
         if report_lost_process():  # e.g. gloo's "Connection reset by peer" in the next collective
             return LOST_PROCESS_EXIT
+        if _disk_full(error):
+            print(f"error: {_disk_full(error)}", file=sys.stderr)
+            return _ended(2)
         raise  # a crash of this process: its peers report it as gone
     return _ended(0)
+
+
+def _disk_full(error: BaseException) -> str | None:
+    """The one line for a write that failed on a full disk, else None.
+
+    Python's writes say ENOSPC, safetensors' say "No space left on device" in its own error type; torch's
+    checkpoint writer only says "unexpected pos", so a failed torch write counts when the output directory's
+    disk is (nearly) full."""
+    output_dir = Path(_ACTIVE_OUTPUT_DIR[0] if _ACTIVE_OUTPUT_DIR else ".")
+    full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
+    if not full and isinstance(error, RuntimeError) and "unexpected pos" in str(error) and output_dir.exists():
+        full = shutil.disk_usage(output_dir).free < 2**26
+    if not full:
+        return None
+    where = getattr(error, "filename", None) or output_dir
+    return f"no space left on the disk of {where}; free some space or choose another output_dir ({_resume_hint()})"
 
 
 def _ended(status: int) -> int:

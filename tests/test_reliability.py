@@ -147,3 +147,24 @@ def test_bad_values_are_one_line(tmp_path, capsys, args, words):
     status = sft_cli(["--config", str(TINY / "sft.yaml"), "--output_dir", str(tmp_path / "o"), *SHORT, *args])
     err = capsys.readouterr().err
     assert status == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB file system (tmpfs; needs root, as CI and these machines have): too small for the tiny model."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", str(mount_point)], check=False)
+
+
+def test_a_full_disk_says_so_with_the_path(small_disk, capsys):
+    status = _sft(small_disk / "run", "--max_steps", "1")
+    err = capsys.readouterr().err
+    assert status == 2 and "Traceback" not in err
+    assert "no space left on the disk of" in err and str(small_disk) in err
