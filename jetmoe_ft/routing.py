@@ -244,6 +244,9 @@ class RoutingHooks:
     stats: RoutingStats
     handles: list[torch.utils.hooks.RemovableHandle] = field(default_factory=list)
     attention_mask: torch.Tensor | None = None
+    with_gradients: bool | None = None
+    """Whether the model's current forward started with gradients on (inside a reentrant checkpointed layer
+    they are off even in a training forward); None outside a forward of the model."""
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -263,8 +266,9 @@ def attach_routing_hooks(model: nn.Module, stats: RoutingStats, training_only: b
 
     The top-level model's `attention_mask` keyword drops padding tokens; without one (packed or
     padding-free batches) every token counts. Forwards replayed by gradient checkpointing during
-    backward are skipped, so each token counts once. With `training_only`, only routers in training
-    mode count (evaluation passes of a trainer do not).
+    backward are skipped, so each token counts once. With `training_only`, only training forwards count:
+    routers in training mode in a forward of `model` started with gradients on (not a trainer's evaluation
+    passes, nor GRPO's generation or a reference pass, which run without gradients).
     """
     routers = find_routers(model)
     num_layers = max(layer for layer, _, _ in routers) + 1
@@ -276,9 +280,11 @@ def attach_routing_hooks(model: nn.Module, stats: RoutingStats, training_only: b
 
     def remember_mask(module, args, kwargs):
         hooks.attention_mask = kwargs.get("attention_mask")
+        hooks.with_gradients = torch.is_grad_enabled()
 
     def forget_mask(module, args, output):
         hooks.attention_mask = None
+        hooks.with_gradients = None
 
     hooks.handles.append(model.register_forward_pre_hook(remember_mask, with_kwargs=True))
     hooks.handles.append(model.register_forward_hook(forget_mask, always_call=True))
@@ -289,7 +295,8 @@ def attach_routing_hooks(model: nn.Module, stats: RoutingStats, training_only: b
 
 def _router_hook(hooks: RoutingHooks, layer: int, kind: str, training_only: bool):
     def hook(module: JetMoeTopKGating, args, decision) -> None:
-        if in_backward() or (training_only and not module.training):
+        with_gradients = torch.is_grad_enabled() if hooks.with_gradients is None else hooks.with_gradients
+        if in_backward() or (training_only and not (module.training and with_gradients)):
             return
         logits = decision.logits
         hooks.stats.update(

@@ -263,3 +263,17 @@ def test_trainer_logs_routing_and_writes_the_report(tmp_path, install):
     assert sum(total[0]["moa"]["load"]) == pytest.approx(1.0)
     png = (tmp_path / "routing_load.png").read_bytes()
     assert len(png) > 1000 and png.startswith(PNG_SIGNATURE)
+
+
+def test_training_only_counts_training_forwards_with_gradients_even_inside_reentrant_checkpointing():
+    model = _model(num_hidden_layers=2)
+    ids = torch.randint(1, 128, (2, 6))
+    stats = RoutingStats.for_model(model)
+    model.train()
+    with attach_routing_hooks(model, stats, training_only=True):
+        with torch.no_grad():  # a generation or reference pass in training mode: not counted
+            model(input_ids=ids)
+        assert stats.tokens.sum() == 0
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model(input_ids=ids, labels=ids).loss.backward()  # checkpointed layers run without gradients inside
+    assert torch.all(stats.tokens == ids.numel())  # every router, every token once
