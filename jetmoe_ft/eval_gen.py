@@ -35,7 +35,7 @@ from . import eval_gen_report as report_files
 from .config import RecipeError, read_recipe_file
 from .data.held_out import eval_source, load_eval_split
 from .drift import collect_router_logits, pad_token_ids, routing_drift
-from .evaluate import head_config, load_head, score_batches
+from .evaluate import load_head, reward_head_config, score_batches
 from .generation import (
     ANSWER_STATS,
     Answer,
@@ -86,21 +86,6 @@ def context_length(path: str | Path, seed: int = 0) -> int:
         base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
         return context_length(base)
     raise RecipeError(f"--baseline: {path} holds neither a model (config.json) nor an adapter.")
-
-
-def check_reward_model(path: str) -> JetMoeConfig:
-    """The reward head's config; anything but a `num_labels: 1` head is one line."""
-    config = head_config(path)
-    if any(name.endswith("CausalLM") for name in config.architectures or []):
-        raise RecipeError(
-            f"--reward_model: {path} is a language model, not a reward head (`jetmoe-ft cls`, num_labels: 1)."
-        )
-    if config.num_labels != 1:
-        raise RecipeError(
-            f"--reward_model: {path} is a classifier with {config.num_labels} labels, not a reward head; "
-            "train one with `jetmoe-ft cls` and `num_labels: 1`."
-        )
-    return config
 
 
 def baseline_name(args, run_values: dict[str, Any]) -> str:
@@ -352,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run_values = read_recipe_file(run_recipe) if run_recipe.is_file() else {}
     source, rows = load_prompts(args)
     baseline = baseline_name(args, run_values)
-    reward_config = check_reward_model(args.reward_model) if args.reward_model else None
+    reward_config = reward_head_config(args.reward_model, "--reward_model") if args.reward_model else None
     tasks = None
     if args.lm_eval_tasks:
         from .lm_eval_model import check_tasks

@@ -85,6 +85,25 @@ def head_config(path: str | Path) -> JetMoeConfig:
     )
 
 
+def reward_head_config(path: str | Path, field: str) -> JetMoeConfig:
+    """The config of a reward head (`jetmoe-ft cls` with `num_labels: 1`); a language model or a classifier of
+    several labels is one line naming `field`."""
+    try:
+        config = head_config(path)
+    except RecipeError as error:
+        raise RecipeError(f"{field}: {str(error).removeprefix('--model: ')}") from None
+    if any(name.endswith("CausalLM") for name in config.architectures or []):
+        raise RecipeError(
+            f"{field}: {path} is a language model, not a reward head (`jetmoe-ft cls`, num_labels: 1)."
+        )
+    if config.num_labels != 1:
+        raise RecipeError(
+            f"{field}: {path} is a classifier with {config.num_labels} labels, not a reward head; train one with "
+            "`jetmoe-ft cls` and `num_labels: 1`."
+        )
+    return config
+
+
 def load_head(path: str | Path, config: JetMoeConfig, tokenizer_name: str | None = None):
     """A trained `JetMoeForSequenceClassification` (full directory or LoRA adapter) and its tokenizer."""
     kwargs = {}

@@ -32,7 +32,7 @@ import torch
 from transformers import DataCollatorWithPadding
 
 from .config import RecipeError
-from .evaluate import head_config, load_head
+from .evaluate import head_config, load_head, reward_head_config
 from .rewards import CHECKABLE_REWARDS
 
 TRL_REWARD_KWARGS = {
@@ -119,7 +119,7 @@ def _spec(name: str, kwargs: dict[str, Any], where: str) -> RewardSpec:
         return RewardSpec("builtin", name, CHECKABLE_REWARDS[name], kwargs)
     path = Path(name).expanduser()
     if path.is_dir():
-        _check_reward_head(path, where)
+        reward_head_config(path, where)
         if kwargs:
             raise RecipeError(f"{where}: a reward model takes no arguments, got {', '.join(kwargs)}.")
         return RewardSpec("head", path.name, str(path))
@@ -173,22 +173,6 @@ def _import_function(name: str, where: str) -> Callable:
     if not callable(function):
         raise RecipeError(f"{where}: {name} is a {type(function).__name__}, not a function.")
     return function
-
-
-def _check_reward_head(path: Path, where: str) -> None:
-    try:
-        config = head_config(path)
-    except RecipeError as error:
-        raise RecipeError(f"{where}: {str(error).removeprefix('--model: ')}") from None
-    if any(name.endswith("CausalLM") for name in config.architectures or []):
-        raise RecipeError(
-            f"{where}: {path} is a language model, not a reward head (`jetmoe-ft cls`, num_labels: 1)."
-        )
-    if config.num_labels != 1:
-        raise RecipeError(
-            f"{where}: {path} is a classifier with {config.num_labels} labels, not a reward model; train one with "
-            "`jetmoe-ft cls` and `num_labels: 1`."
-        )
 
 
 # -- the callables GRPO gets ----------------------------------------------------------------------------------

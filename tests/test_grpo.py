@@ -208,7 +208,7 @@ def test_user_mistakes_are_one_line_and_exit_status_2(tmp_path, capsys):
         tmp_path / "cls"
     )
     error = _one_line_exit(capsys, ["--reward_funcs", f"[{tmp_path / 'cls'}]"])
-    assert "classifier with 3 labels, not a reward model" in error
+    assert "classifier with 3 labels, not a reward head" in error
     texts = tmp_path / "texts.jsonl"
     texts.write_text('{"text": "A fine film.", "label": 1}\n{"text": "Dull.", "label": 0}\n')
     error = _one_line_exit(capsys, ["--dataset_name", str(texts), "--reward_funcs", "[no_commas]"])
