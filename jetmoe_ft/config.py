@@ -1,4 +1,5 @@
 """Recipes: one flat YAML file per run, parsed with TRL's `TrlParser` into dataclasses.
+(Just over 400 lines because each group of recipe fields keeps its own checks beside its fields.)
 
 Keys are TRL/transformers argument names (`SFTConfig`, `DPOConfig`, ..., TRL's `ModelConfig`) plus
 `DataArguments` and `JetMoeArguments` below. YAML values come first, then `--key value` overrides from

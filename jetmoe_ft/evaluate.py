@@ -1,4 +1,5 @@
 """How good is a trained head: evaluation of classification and reward models on held-out data.
+(Just over 400 lines because the reward-head checks that eval-gen and GRPO share live beside `head_config`.)
 
 jetmoe-ft eval-cls --model DIR [--config R.yaml | --dataset_name NAME --split SPLIT] [--output_dir D]
 

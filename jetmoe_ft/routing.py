@@ -1,4 +1,5 @@
 """Router statistics: which experts each MoA / MoE router picks, and how sure it is.
+(Just over 400 lines because the statistics, their hooks and the callback that logs them read together.)
 
 `RoutingStats` sums, per router (layer x {moa, moe}), the top-k selections per expert, the full-softmax
 probability mass per expert, the router entropy and the tokens seen. `attach_routing_hooks` fills it from

@@ -230,7 +230,12 @@ def _disk_full(error: BaseException) -> str | None:
     disk is (nearly) full."""
     output_dir = Path(_ACTIVE_OUTPUT_DIR[0] if _ACTIVE_OUTPUT_DIR else ".")
     full = getattr(error, "errno", None) == errno.ENOSPC or "No space left on device" in str(error)
-    if not full and isinstance(error, RuntimeError) and "unexpected pos" in str(error) and output_dir.exists():
+    if (
+        not full
+        and isinstance(error, RuntimeError)
+        and "unexpected pos" in str(error)
+        and output_dir.exists()
+    ):
         full = shutil.disk_usage(output_dir).free < 2**26
     if not full:
         return None
