@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,12 +26,13 @@ from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 from trl import RewardConfig, RewardTrainer
 
 from .adapt import adapt_model
-from .config import RecipeError, parse_recipe, read_recipe_file
+from .config import RecipeError, parse_recipe
 from .data import load_cls_data, load_recipe_datasets, tokenize_texts
 from .distributed import is_main_process
 from .loading import check_recipe_model, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
 from .metrics import majority_scores
 from .modeling import JetMoeForSequenceClassification
+from .recipe_values import value_before_parsing
 from .runs import finish_run, prepare_processes, run_command, start_run, train_with_evaluations
 from .trainers import JetMoeTrainerMixin
 
@@ -68,19 +68,9 @@ class ClsArguments(RewardArguments):
 
 
 def is_reward_recipe(argv: list[str]) -> bool:
-    """Whether `--config R.yaml [--num_labels N]` asks for a reward model (`num_labels: 1`).
-
-    Read before parsing, because the mode decides the training arguments class.
-    """
-    value = None
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        value = read_recipe_file(Path(argv[argv.index("--config") + 1])).get("num_labels")
-    for index, token in enumerate(argv):
-        if token == "--num_labels" and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif token.startswith("--num_labels="):
-            value = token.split("=", 1)[1]
-    return str(value).strip() == "1"
+    """Whether `--config R.yaml [--num_labels N]` asks for a reward model (`num_labels: 1`); read before parsing,
+    because the mode decides the training arguments class."""
+    return str(value_before_parsing(argv, "num_labels")).strip() == "1"
 
 
 def parse_cls_recipe(argv: list[str]):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -25,7 +24,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from .adapt import adapt_model
 from .compat import trl_stored_metrics
-from .config import RecipeError, parse_recipe, read_recipe_file
+from .config import RecipeError, parse_recipe
 from .data import check_preferences, load_recipe_datasets
 from .distributed import is_main_process
 from .dpo import pair_metrics, preference_lines
@@ -36,6 +35,7 @@ from .loading import (
     load_recipe_tokenizer,
     resolve_pad_token,
 )
+from .recipe_values import value_before_parsing
 from .reference import record_stacked_base
 from .runs import (
     finish_run,
@@ -116,14 +116,7 @@ TRAINERS = {"orpo": (ORPOConfig, JetMoeORPOTrainer), "simpo": (CPOConfig, JetMoe
 def recipe_method(argv: list[str], default: str = "orpo") -> str:
     """`method` from `--method`, else the recipe file, else `default`; read before parsing, because the method
     decides the training arguments class."""
-    value = default
-    if "--config" in argv and argv.index("--config") + 1 < len(argv):
-        value = read_recipe_file(Path(argv[argv.index("--config") + 1])).get("method", default)
-    for index, token in enumerate(argv):
-        if token == "--method" and index + 1 < len(argv):
-            value = argv[index + 1]
-        elif token.startswith("--method="):
-            value = token.split("=", 1)[1]
+    value = value_before_parsing(argv, "method", default)
     if value not in METHODS:
         raise RecipeError(f"method: {value!r} is not one of {', '.join(METHODS)}.")
     return value

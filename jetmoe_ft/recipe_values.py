@@ -149,3 +149,18 @@ def _describe(action: argparse.Action, annotation: Any) -> str:
             "true/false values" if words == "true or false" else words.split(" ", 1)[-1] + "s"
         )
     return words
+
+
+def value_before_parsing(argv: list[str], key: str, default: Any = None) -> Any:
+    """`key`'s value from `--key V` / `--key=V`, else from the `--config` file, else `default`: read before
+    parsing, for a key that decides which arguments class the recipe is parsed into (cls: `num_labels`,
+    orpo: `method`)."""
+    value = default
+    if "--config" in argv and argv.index("--config") + 1 < len(argv):
+        value = read_recipe_file(Path(argv[argv.index("--config") + 1])).get(key, default)
+    for index, token in enumerate(argv):
+        if token == f"--{key}" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif token.startswith(f"--{key}="):
+            value = token.split("=", 1)[1]
+    return value
