@@ -30,7 +30,7 @@ from .config import RecipeError, parse_recipe
 from .data import load_cls_data, load_recipe_datasets, tokenize_texts
 from .distributed import is_main_process
 from .loading import check_recipe_model, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
-from .metrics import majority_scores
+from .metrics import majority_scores, training_accuracy
 from .modeling import JetMoeForSequenceClassification
 from .recipe_values import value_before_parsing
 from .runs import finish_run, prepare_processes, run_command, start_run, train_with_evaluations
@@ -96,19 +96,6 @@ class JetMoeRewardTrainer(JetMoeTrainerMixin, RewardTrainer):
     """TRL's `RewardTrainer` (Bradley-Terry on chosen / rejected pairs) with the JetMoE trainer layer."""
 
 
-def accuracy_metrics(prediction) -> dict[str, float]:
-    """Held-out accuracy and macro F1 during training (`eval-cls` reports the full set)."""
-    from sklearn.metrics import accuracy_score, f1_score
-
-    logits, labels = prediction.predictions, prediction.label_ids
-    logits = logits[0] if isinstance(logits, tuple) else logits
-    predicted = np.asarray(logits).argmax(-1)
-    return {
-        "accuracy": float(accuracy_score(labels, predicted)),
-        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
-    }
-
-
 def train_classifier(recipe) -> dict[str, Any]:
     """Classification mode: cross-entropy on `text` / `label` data."""
     args, task = recipe.training, recipe.task
@@ -136,7 +123,7 @@ def train_classifier(recipe) -> dict[str, Any]:
         eval_dataset=tokenized.get("test"),
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=accuracy_metrics,
+        compute_metrics=training_accuracy,
     )
     metrics = {**train_with_evaluations(trainer, run), "num_labels": len(names)}
     lines = []

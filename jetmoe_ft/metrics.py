@@ -162,3 +162,15 @@ def paired_bootstrap(
     )
     base, tuned = float(statistic(first)), float(statistic(second))
     return {"first": base, "second": tuned, "difference": tuned - base, "ci95": [float(low), float(high)]}
+
+
+def training_accuracy(prediction) -> dict[str, float]:
+    """Held-out accuracy and macro F1 from a Trainer's `EvalPrediction`, during training (`eval-cls` reports
+    the full set)."""
+    logits, labels = prediction.predictions, prediction.label_ids
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    predicted = np.asarray(logits).argmax(-1)
+    return {
+        "accuracy": float(accuracy_score(labels, predicted)),
+        "macro_f1": float(f1_score(labels, predicted, average="macro", zero_division=0)),
+    }
