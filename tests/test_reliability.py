@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,23 @@ def test_a_full_disk_says_so_with_the_path(small_disk, capsys):
     err = capsys.readouterr().err
     assert status == 2 and "Traceback" not in err
     assert "no space left on the disk of" in err and str(small_disk) in err
+
+
+def test_ctrl_c_says_where_the_last_checkpoint_is_and_how_to_resume(tmp_path):
+    command = [sys.executable, "-m", "jetmoe_ft.cli", "sft", "--config", str(TINY / "sft.yaml")]
+    command += ["--output_dir", str(tmp_path), *SHORT, "--max_steps", "200", "--save_strategy", "steps"]
+    command += ["--save_steps", "1"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not list(tmp_path.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=120)
+    finally:
+        run.kill()
+    assert run.returncode == 130 and "Traceback" not in err, err[-2000:]
+    lines = [line for line in err.splitlines() if line.startswith("interrupted:")]
+    assert len(lines) == 1 and lines[0].startswith("interrupted: the last checkpoint is"), err[-2000:]
+    assert "--resume_from_checkpoint true" in lines[0]
+    assert not (tmp_path / "model.safetensors").exists()
