@@ -110,22 +110,6 @@ def _first_log(trainer) -> dict:
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_logged_loss_carries_the_router_loss_once(tmp_path, loop):
-    """Two accumulated micro-batches: logged loss(coef) - logged loss(0) = coef x logged aux_loss."""
-    coef = 0.5
-    weighted = _first_log(LOOPS[loop](tmp_path / "weighted", coef))
-    plain = _first_log(LOOPS[loop](tmp_path / "plain", 0.0))
-    assert weighted["aux_loss"] > 0 and weighted["aux_loss"] == pytest.approx(plain["aux_loss"], rel=1e-5)
-    assert weighted["loss"] - plain["loss"] == pytest.approx(coef * weighted["aux_loss"], rel=1e-3, abs=1e-5)
-    assert "routing/layer1.moe.entropy" in weighted
-    if loop in ("sft", "classifier"):  # drift from the start model on a fixed probe batch of training rows
-        assert (
-            0.0 <= weighted["routing/layer1.moe.topk_kept"] <= 1.0
-            and weighted["routing/layer0.moa.kl"] >= 0.0
-        )
-
-
-@pytest.mark.parametrize("loop", LOOPS)
 def test_router_loss_is_the_models_and_stays_out_of_evaluation(tmp_path, loop):
     weighted, plain = LOOPS[loop](tmp_path / "a", 0.5), LOOPS[loop](tmp_path / "b", 0.0)
     batch = weighted._prepare_inputs(next(iter(weighted.get_train_dataloader())))
@@ -223,11 +207,12 @@ LOOPS["kto"] = _kto  # the batch holds `input_ids`: the generic tests above cove
 REFERENCE_FREE_LOOPS = {"orpo": _orpo, "simpo": _simpo}
 
 
-@pytest.mark.parametrize("loop", REFERENCE_FREE_LOOPS)
-def test_reference_free_logged_loss_carries_the_router_loss_once(tmp_path, loop):
+@pytest.mark.parametrize("loop", {**LOOPS, **REFERENCE_FREE_LOOPS})
+def test_logged_loss_carries_the_router_loss_once(tmp_path, loop):
+    """Two accumulated micro-batches: logged loss(coef) - logged loss(0) = coef x logged aux_loss."""
     coef = 0.5
-    weighted = _first_log(REFERENCE_FREE_LOOPS[loop](tmp_path / "weighted", coef))
-    plain = _first_log(REFERENCE_FREE_LOOPS[loop](tmp_path / "plain", 0.0))
+    weighted = _first_log({**LOOPS, **REFERENCE_FREE_LOOPS}[loop](tmp_path / "weighted", coef))
+    plain = _first_log({**LOOPS, **REFERENCE_FREE_LOOPS}[loop](tmp_path / "plain", 0.0))
     assert weighted["aux_loss"] > 0 and weighted["aux_loss"] == pytest.approx(plain["aux_loss"], rel=1e-5)
     assert weighted["loss"] - plain["loss"] == pytest.approx(coef * weighted["aux_loss"], rel=1e-3, abs=1e-5)
     assert "routing/layer1.moe.entropy" in weighted
