@@ -26,6 +26,11 @@ COMMANDS = {
         "cli",
         "a fine-tune's answers, rewards, instructions, routing vs its base",
     ),
+    "lm-eval": (
+        "jetmoe_ft.lm_eval_model",
+        "cli",
+        "lm-evaluation-harness with the jetmoe-ft model registered",
+    ),
     "chat": ("jetmoe_ft.chat", "main", "generate replies with a trained model"),
     "recipes": ("jetmoe_ft.cli", "list_recipes", "list the shipped recipes with what each one does"),
 }
@@ -47,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(usage)
         return 0
     module_name, function, _ = COMMANDS[argv[0]]
-    module = __import__(module_name, fromlist=[function])
+    try:
+        module = __import__(module_name, fromlist=[function])
+    except ImportError as error:  # an optional extra (lm-eval) that is not installed
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return getattr(module, function)(argv[1:])
 
 

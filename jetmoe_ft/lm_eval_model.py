@@ -1,11 +1,13 @@
 """lm-evaluation-harness on our JetMoE: the `jetmoe-ft` model type (full directories and adapters).
 
-    python -m jetmoe_ft.lm_eval_model --model jetmoe-ft --model_args pretrained=DIR --tasks TASK [lm_eval flags]
+    jetmoe-ft lm-eval run --model jetmoe-ft --model_args pretrained=DIR --tasks TASK [lm_eval flags]
 
-is the `lm_eval` command with this model registered (lm_eval 0.4 finds third-party models only once their
-module is imported; `import jetmoe_ft.lm_eval_model` does it for `lm_eval.simple_evaluate` too). `DIR` is
-anything a training run wrote: an adapter loads on its base and is merged. `jetmoe-ft eval-gen --lm_eval_tasks`
-runs tasks on the fine-tuned model and its baseline. Needs the `eval` extra (`pip install -e ".[eval]"`).
+is the `lm_eval` command with this model registered. lm-eval 0.4.13 (the pinned release) has no plugin
+discovery: a third-party model is known only once its module is imported, so the bare `lm_eval` command cannot
+find it (upstream issues #1621, #3282; the entry-point plugin mechanism was merged after 0.4.13). `import
+jetmoe_ft.lm_eval_model` registers it for `lm_eval.simple_evaluate` too. `DIR` is anything a training run
+wrote: an adapter loads on its base and is merged. `jetmoe-ft eval-gen --lm_eval_tasks` runs tasks on the
+fine-tuned model and its baseline. Needs the `eval` extra (`pip install -e ".[eval]"`).
 """
 
 from __future__ import annotations
@@ -109,12 +111,14 @@ def run_tasks(model, tokenizer, tasks: list[str], args: Any) -> dict[str, dict[s
     }
 
 
-def main() -> None:
-    """`lm_eval`'s own command line, with the `jetmoe-ft` model registered."""
+def cli(argv: list[str] | None = None) -> int:
+    """`jetmoe-ft lm-eval ...`: lm-eval's own command line (`run`, `ls`, `validate`), `jetmoe-ft` registered."""
     from lm_eval.__main__ import cli_evaluate
 
+    sys.argv = ["jetmoe-ft lm-eval", *(sys.argv[1:] if argv is None else argv)]
     cli_evaluate()
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

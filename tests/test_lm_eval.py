@@ -89,3 +89,37 @@ def test_unknown_task_is_one_line_before_loading(runs, tasks, capsys):  # noqa: 
     assert cli(argv) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "unknown lm-eval task no_such_task_xyz" in errors[0]
+
+
+def test_jetmoe_ft_lm_eval_is_the_harness_command_with_our_model(runs, tasks, tmp_path, monkeypatch):  # noqa: F811
+    from jetmoe_ft.cli import main
+
+    monkeypatch.setattr("sys.argv", ["jetmoe-ft"])
+    argv = ["lm-eval", "run", "--model", "jetmoe-ft", "--model_args", f"pretrained={runs / 'tuned'}"]
+    argv += [
+        "--tasks",
+        "jetmoe_local_ll",
+        "--include_path",
+        str(tasks),
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
+    assert main(argv + ["--output_path", str(tmp_path / "results")]) == 0
+    (result,) = tmp_path.rglob("results_*.json")
+    assert 0.0 <= json.loads(result.read_text())["results"]["jetmoe_local_ll"]["acc,none"] <= 1.0
+
+
+def test_lm_eval_without_the_extra_is_one_line(monkeypatch, capsys):
+    import sys
+
+    from jetmoe_ft.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval.api.registry", None)  # as if `lm-eval` were not installed
+    monkeypatch.delitem(sys.modules, "jetmoe_ft.lm_eval_model")
+    assert main(["lm-eval", "run", "--tasks", "x"]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == 'error: lm-evaluation-harness is not installed: pip install -e ".[eval]"'
+    )
