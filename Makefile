@@ -38,7 +38,7 @@ bench-recipes:  ## whole tiny SFT (60 steps) / DPO (30 steps) recipes, fp32 + bf
 	$(BIN)/python bench/bench_recipes.py
 
 bench-decode:  ## decoding only: ours eager and compiled (static cache) against transformers' eager
-	$(BIN)/python bench/bench_model.py --cases 'decode-*' --threads 1
+	$(BIN)/python bench/bench_model.py --cases 'decode-*' --threads 1 --out-dir bench/results/decode
 
 sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)
