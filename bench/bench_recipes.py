@@ -344,6 +344,7 @@ def side_fields(prefix: str, loop: str, result: dict, other: float | None) -> di
         f"{prefix}_wall_s": result.get("wall_s"),
         f"{prefix}_other_procs_cpu_cores": other,
         f"{prefix}_logged_aux_loss": result.get("logged_aux_loss"),
+        f"{prefix}_logged_loss": result.get("logged_loss"),  # per logging step: where two runs part
         f"{prefix}_trl_aux_loss_enabled": result.get("trl_aux_loss_enabled"),
         f"{prefix}_trl_router_aux_loss_coef": result.get("trl_router_aux_loss_coef"),
         f"{prefix}_config_output_router_logits": result.get("config_output_router_logits"),

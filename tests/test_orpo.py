@@ -80,8 +80,9 @@ def test_orpo_logs_its_terms_the_router_loss_and_routing(trained):
         assert all(key in entry for entry in logs), key
     assert all(entry["aux_loss"] > 0 for entry in logs)
     # ORPO's loss: the chosen answer's NLL minus beta x mean log-sigmoid(log-odds ratio), plus the router loss once
-    first = logs[0]
-    expected = first["nll_loss"] - 0.1 * first["log_odds_ratio"] + 0.01 * first["aux_loss"]
+    first, recipe = logs[0], yaml.safe_load((output_dir / "recipe.yaml").read_text())
+    beta, coef = recipe["beta"], recipe["aux_loss_coef"]
+    expected = first["nll_loss"] - beta * first["log_odds_ratio"] + coef * first["aux_loss"]
     assert first["loss"] == pytest.approx(expected, abs=1e-3)
 
 
