@@ -27,6 +27,18 @@ def tiny_kwargs(**overrides):
     return {**TINY, **overrides}
 
 
+def learnable_pairs(count: int, offset: int = 0) -> list[dict]:
+    """A learnable preference, conversational: always answer politely (prompts numbered from `offset`)."""
+    return [
+        {
+            "prompt": [{"role": "user", "content": f"Could you help me with task number {offset + i}?"}],
+            "chosen": [{"role": "assistant", "content": "Yes, gladly."}],
+            "rejected": [{"role": "assistant", "content": "No. Go away."}],
+        }
+        for i in range(count)
+    ]
+
+
 def randomize_biases(model: torch.nn.Module, seed: int = 1) -> None:
     """transformers initialises the MoA/MoE biases to zero; make them matter in parity tests."""
     generator = torch.Generator().manual_seed(seed)

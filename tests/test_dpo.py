@@ -21,7 +21,7 @@ from jetmoe_ft.dpo import main as dpo_main
 from jetmoe_ft.reference import record_stacked_base
 from jetmoe_ft.runs import last_complete_checkpoint
 
-from .conftest import tiny_kwargs
+from .conftest import learnable_pairs, tiny_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "tiny" / "dpo.yaml")
@@ -118,22 +118,10 @@ def test_lora_from_a_trained_directory_keeps_no_reference_copy(trained, tmp_path
     assert routing["total"]["layers"][0]["moe"]["tokens"] == num_tokens
 
 
-def _pairs(count: int, offset: int = 0) -> list[dict]:
-    """A learnable preference: always answer politely."""
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Could you help me with task number {offset + i}?"}],
-            "chosen": [{"role": "assistant", "content": "Yes, gladly."}],
-            "rejected": [{"role": "assistant", "content": "No. Go away."}],
-        }
-        for i in range(count)
-    ]
-
-
 def test_reward_accuracy_rises_on_a_learnable_preference(tmp_path):
-    DatasetDict(train=Dataset.from_list(_pairs(24)), test=Dataset.from_list(_pairs(8, 1000))).save_to_disk(
-        tmp_path / "data"
-    )
+    DatasetDict(
+        train=Dataset.from_list(learnable_pairs(24)), test=Dataset.from_list(learnable_pairs(8, 1000))
+    ).save_to_disk(tmp_path / "data")
     metrics = _run(
         tmp_path / "out",
         *("--dataset_name", str(tmp_path / "data"), "--precompute_ref_log_probs", "true"),
@@ -177,7 +165,7 @@ def _with_system_prompt(pairs: list[dict]) -> Dataset:
 
 
 def test_chat_template_is_applied_once(tmp_path):
-    trainer = _small_trainer(tmp_path, _with_system_prompt(_pairs(2)))
+    trainer = _small_trainer(tmp_path, _with_system_prompt(learnable_pairs(2)))
     tokenizer = trainer.processing_class
     row = trainer.train_dataset[0]
     text = tokenizer.decode(row["prompt_ids"] + row["chosen_ids"])

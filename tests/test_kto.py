@@ -21,7 +21,7 @@ from jetmoe_ft.kto import cli as kto_cli
 from jetmoe_ft.kto import main as kto_main
 from jetmoe_ft.reference import reference_kind
 
-from .conftest import tiny_kwargs
+from .conftest import learnable_pairs, tiny_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "tiny" / "kto.yaml")
@@ -71,21 +71,12 @@ def test_first_step_is_kto_at_the_reference_plus_the_router_loss_once(trained):
     assert logs[0]["loss"] == pytest.approx(0.5 + 0.01 * logs[0]["aux_loss"], abs=1e-4)
 
 
-def _learnable(count: int, offset: int = 0) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Could you help me with task number {offset + i}?"}],
-            "chosen": [{"role": "assistant", "content": "Yes, gladly."}],
-            "rejected": [{"role": "assistant", "content": "No. Go away."}],
-        }
-        for i in range(count)
-    ]
-
-
 def test_pairwise_accuracy_rises_on_unpaired_data_with_a_precomputed_reference(tmp_path):
     """Natively unpaired rows (thumbs up / down on single answers): pairs for the accuracy are formed by prompt."""
-    rows = [dict(row) for row in unpair(Dataset.from_list(_learnable(16))).remove_columns("pair")]
-    held_out = [dict(row) for row in unpair(Dataset.from_list(_learnable(6, 1000))).remove_columns("pair")]
+    rows = [dict(row) for row in unpair(Dataset.from_list(learnable_pairs(16))).remove_columns("pair")]
+    held_out = [
+        dict(row) for row in unpair(Dataset.from_list(learnable_pairs(6, 1000))).remove_columns("pair")
+    ]
     DatasetDict(train=Dataset.from_list(rows), test=Dataset.from_list(held_out)).save_to_disk(
         tmp_path / "data"
     )
@@ -132,7 +123,7 @@ def test_lora_reference_is_the_adapter_disabled_model(tmp_path):
     torch.manual_seed(0)
     base = JetMoeForCausalLM(JetMoeConfig(**tiny_kwargs(vocab_size=32000)))
     model = get_peft_model(base, LoraConfig(target_modules=["kv_proj"], r=4))
-    data = unpair(Dataset.from_list(_learnable(4)))
+    data = unpair(Dataset.from_list(learnable_pairs(4)))
     trainer = JetMoeKTOTrainer(
         model=model,
         args=_args(tmp_path),
@@ -164,7 +155,7 @@ def test_lora_reference_is_the_adapter_disabled_model(tmp_path):
 
 
 def test_pairs_are_unpaired_next_to_each_other_with_their_index():
-    rows = unpair(Dataset.from_list(_learnable(2)))
+    rows = unpair(Dataset.from_list(learnable_pairs(2)))
     assert rows["label"] == [True, False, True, False] and rows["pair"] == [0, 0, 1, 1]
     assert rows[1]["completion"] == [{"role": "assistant", "content": "No. Go away."}]
     assert held_out_pairs(rows) == [(0, 1), (2, 3)]
@@ -180,7 +171,9 @@ def test_pairs_are_unpaired_next_to_each_other_with_their_index():
 
 
 def test_training_rows_are_shuffled_and_unlearnable_pairs_dropped():
-    pairs = _learnable(20) + [{**_learnable(1, 99)[0], "rejected": [{"role": "assistant", "content": " "}]}]
+    pairs = learnable_pairs(20) + [
+        {**learnable_pairs(1, 99)[0], "rejected": [{"role": "assistant", "content": " "}]}
+    ]
     args = SimpleNamespace(max_length=64, dataset_num_proc=None)
     with pytest.warns(UserWarning, match="Dropped 1 of 21 train pairs"):
         checked = check_unpaired(DatasetDict(train=Dataset.from_list(pairs)), load_tokenizer(), args, seed=3)

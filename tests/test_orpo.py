@@ -17,7 +17,7 @@ from jetmoe_ft.config import RecipeError
 from jetmoe_ft.orpo import JetMoeORPOTrainer, parse_method_recipe, recipe_method
 from jetmoe_ft.orpo import main as orpo_main
 
-from .conftest import tiny_kwargs
+from .conftest import learnable_pairs, tiny_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 ORPO = str(ROOT / "recipes" / "tiny" / "orpo.yaml")
@@ -86,20 +86,9 @@ def test_orpo_logs_its_terms_the_router_loss_and_routing(trained):
     assert first["loss"] == pytest.approx(expected, abs=1e-3)
 
 
-def _learnable(count: int, offset: int = 0) -> list[dict]:
-    return [
-        {
-            "prompt": [{"role": "user", "content": f"Could you help me with task number {offset + i}?"}],
-            "chosen": [{"role": "assistant", "content": "Yes, gladly."}],
-            "rejected": [{"role": "assistant", "content": "No. Go away."}],
-        }
-        for i in range(count)
-    ]
-
-
 def test_simpo_learns_a_learnable_preference(tmp_path):
     DatasetDict(
-        train=Dataset.from_list(_learnable(16)), test=Dataset.from_list(_learnable(8, 1000))
+        train=Dataset.from_list(learnable_pairs(16)), test=Dataset.from_list(learnable_pairs(8, 1000))
     ).save_to_disk(tmp_path / "data")
     argv = ["--config", SIMPO, "--output_dir", str(tmp_path / "out"), *QUICK, "--max_eval_samples", "8"]
     argv += ["--dataset_name", str(tmp_path / "data"), "--max_steps", "4", "--learning_rate", "1e-3"]
@@ -124,7 +113,8 @@ def test_held_out_margin_is_beta_times_the_average_log_probability_margin(tmp_pa
         gradient_checkpointing=False,
     )
     data = Dataset.from_list(
-        _learnable(2) + [{**_learnable(1, 7)[0], "rejected": [{"role": "assistant", "content": "Hm."}]}]
+        learnable_pairs(2)
+        + [{**learnable_pairs(1, 7)[0], "rejected": [{"role": "assistant", "content": "Hm."}]}]
     )
     trainer = JetMoeORPOTrainer(
         model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=load_tokenizer()
