@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     module_name, function, _ = COMMANDS[argv[0]]
     try:
         module = __import__(module_name, fromlist=[function])
-    except ImportError as error:  # an optional extra (lm-eval) that is not installed
+    except ModuleNotFoundError as error:  # an optional extra (lm-eval) that is not installed; other import
+        # errors are bugs and keep their traceback
         print(f"error: {error}", file=sys.stderr)
         return 2
     return getattr(module, function)(argv[1:])

@@ -25,7 +25,9 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.huggingface import HFLM
 except ImportError as error:  # the optional `eval` extra
-    raise ImportError('lm-evaluation-harness is not installed: pip install -e ".[eval]"') from error
+    raise ModuleNotFoundError(
+        'lm-evaluation-harness is not installed: pip install -e ".[eval]"', name="lm_eval"
+    ) from error
 
 from .loading import load_tokenizer_named, load_trained_model, resolve_pad_token
 from .modeling import JetMoeForCausalLM

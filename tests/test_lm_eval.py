@@ -94,7 +94,7 @@ def test_unknown_task_is_one_line_before_loading(runs, tasks, capsys):  # noqa: 
 def test_jetmoe_ft_lm_eval_is_the_harness_command_with_our_model(runs, tasks, tmp_path, monkeypatch):  # noqa: F811
     from jetmoe_ft.cli import main
 
-    monkeypatch.setattr("sys.argv", ["jetmoe-ft"])
+    monkeypatch.setattr("sys.argv", ["jetmoe-ft"])  # restored after: `jetmoe-ft lm-eval` rewrites sys.argv
     argv = ["lm-eval", "run", "--model", "jetmoe-ft", "--model_args", f"pretrained={runs / 'tuned'}"]
     argv += [
         "--tasks",
