@@ -58,11 +58,11 @@ orpo:  ## reference-free preference alignment (ORPO): recipes/tiny/orpo.yaml fro
 grpo:  ## online RL (GRPO): recipes/tiny/grpo.yaml from the `make sft` output, rewards from outputs/tiny-rm (`make rm`) when it exists
 	$(BIN)/jetmoe-ft grpo --config $(or $(RECIPE),recipes/tiny/grpo.yaml)
 
-cls:  ## classifier (reward model with num_labels: 1): recipes/tiny/cls.yaml unless RECIPE=path.yaml
+cls:  ## classifier: recipes/tiny/cls.yaml unless RECIPE=path.yaml (num_labels: 1 trains a reward model, as `make rm`)
 	$(BIN)/jetmoe-ft cls --config $(or $(RECIPE),recipes/tiny/cls.yaml)
 
-rm:  ## reward model (Bradley-Terry) on chatterbot pairs: recipes/tiny/rm.yaml, from the `make sft` output
-	$(BIN)/jetmoe-ft cls --config recipes/tiny/rm.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny)
+rm:  ## reward model (Bradley-Terry) on chatterbot pairs: recipes/tiny/rm.yaml from the `make sft` output unless RECIPE=path.yaml
+	$(BIN)/jetmoe-ft rm --config $(or $(RECIPE),recipes/tiny/rm.yaml $(if $(wildcard outputs/tiny-sft/config.json),,--model_name_or_path jetmoe-ft/tiny))
 
 MODEL ?=
 eval-cls:  ## evaluate a trained head on its held-out data: outputs/tiny-cls unless MODEL=dir

@@ -9,7 +9,7 @@ Run from the repository root:
 One training step = forward, backward, AdamW step of our `JetMoeForCausalLM` on bench_model.py's "medium"
 config (hidden 512, 8 layers, 8 experts top-2, vocabulary 32,000), random tokens as inputs and labels, no
 router loss. "full" is the model's own loss (`model(input_ids, labels=...)`: `[tokens, vocab]` fp32 logits,
-transformers' `ForCausalLMLoss`); "chunked" is `jetmoe_ft.lm_head_loss.causal_lm_loss` on
+transformers' `ForCausalLMLoss`); "chunked" is `jetmoe_ft.modeling.lm_head_loss.causal_lm_loss` on
 `model.model(...)`'s hidden states and `lm_head.weight`. Each is run with and without gradient checkpointing.
 
 Every case runs in a fresh subprocess (bench_model.py's RSS helpers): `peak_rss_mb` is the process's peak
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_model as bm  # noqa: E402
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
-from jetmoe_ft.lm_head_loss import DEFAULT_CHUNK_SIZE, causal_lm_loss  # noqa: E402
+from jetmoe_ft.modeling.lm_head_loss import DEFAULT_CHUNK_SIZE, causal_lm_loss  # noqa: E402
 
 SIZE = "medium"
 SHAPES = ((4, 1024), (4, 2048))

@@ -84,7 +84,7 @@ import torch
 import transformers
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
-from jetmoe_ft.lora import register_expert_lora
+from jetmoe_ft.adapters.lora import register_expert_lora
 from jetmoe_ft.modeling.modeling_jetmoe import JetMoeParallelExperts
 
 SEED = 1234

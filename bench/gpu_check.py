@@ -15,10 +15,10 @@ here (no flash-attn, no bitsandbytes, out of time) says `skipped` and why:
   <= 1e-5 of the largest logit), within bf16 noise for SDPA and flash-attn; and the packed fp32 training
   loss and gradients equal those of the padded batch.
 - `backend_parity`: `moe_backend: grouped_mm` against `loop` in bf16, forward logits and the gradients of
-  every trainable parameter, with expert LoRA (`jetmoe_ft.lora`) on the MoA and MoE experts and kv_proj;
+  every trainable parameter, with expert LoRA (`jetmoe_ft.adapters.lora`) on the MoA and MoE experts and kv_proj;
   both against an fp32 `loop` reference: grouped_mm passes if its error is at most twice the loop's (+1e-3).
 - `qlora_step`: a recipe with `load_in_4bit: true` and expert LoRA loaded through `jetmoe_ft.loading` and
-  `jetmoe_ft.adapt`, one AdamW step: finite loss, adapters moved, 4-bit weights untouched, peak memory.
+  `jetmoe_ft.adapters.adapt`, one AdamW step: finite loss, adapters moved, 4-bit weights untouched, peak memory.
 - `train_throughput`: training tokens/s (median of timed steps after warm-up) and peak GPU memory of ours
   against transformers' `JetMoeForCausalLM` with the same weights, on a ~1B-parameter JetMoE (hidden 1024,
   12 layers, 8 experts top-2), bf16 weights and AdamW, batch 8 x 2048, SDPA attention for both.
@@ -334,7 +334,7 @@ def lora_model(config: dict, settings: Settings, dtype, backend: str):
     zero-initialised, which would hide the adapters from the forward)."""
     from peft import LoraConfig, get_peft_model
 
-    from jetmoe_ft.lora import MOA_EXPERTS, MOE_EXPERTS, register_expert_lora
+    from jetmoe_ft.adapters.lora import MOA_EXPERTS, MOE_EXPERTS, register_expert_lora
 
     model = build_model(config, settings, dtype=dtype, backend=backend)
     suffixes = (*MOA_EXPERTS, *MOE_EXPERTS, "self_attention.kv_proj")
@@ -394,7 +394,7 @@ def check_qlora_step(settings: Settings) -> dict:
         raise Skip(f"bitsandbytes is not importable ({error})") from None
     from trl import SFTConfig
 
-    from jetmoe_ft.adapt import adapt_model
+    from jetmoe_ft.adapters.adapt import adapt_model
     from jetmoe_ft.config import parse_recipe
     from jetmoe_ft.loading import load_recipe_model
 

@@ -1,4 +1,17 @@
-"""jetmoe-ft: fine-tuning and alignment recipes for JetMoE."""
+"""jetmoe-ft: fine-tuning and alignment recipes for JetMoE.
+
+The folders are the stages a recipe flows through, each importing only the ones before it:
+  modeling/    the model, its expert dispatch, LM head and router statistics
+  data/        the recipe's sources, mixtures, embedded sets and per-format checks
+  adapters/    what a run trains: expert LoRA, experts chosen from the data, frozen routers, 4-bit experts
+  training/    the trainer layer every loop mixes in, runs (resume, provenance, card), routing health and drift
+  evaluation/  eval-cls, eval-gen, generation, rewards, metrics, plots, lm-eval
+  export/      verified export to transformers / stock PEFT          planning/  `jetmoe-ft plan`
+Beside them: the loops where users call them (`sft`, `dpo`, `kto`, `orpo`, `grpo`, `cls`, `rm`; each imports no
+other loop), the command line (`cli`), and the modules every stage shares: the recipe parser (`config`,
+`recipe_values`, `errors`), other libraries' private APIs (`compat`), the embedded tokenizer and tiny model
+(`assets`), processes (`distributed`) and the recipe's model and tokenizer (`loading`, after `adapters`).
+"""
 
 import logging as _logging
 import warnings as _warnings

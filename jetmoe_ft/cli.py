@@ -4,13 +4,11 @@
 the recipes shipped in `recipes/` with their first comment line.
 """
 
-import dataclasses
 import sys
 from pathlib import Path
 
-from trl import ModelConfig
-
-from .config import AdapterArguments, DataArguments, JetMoeArguments, dataclass_types
+from .errors import RecipeError
+from .recipe_values import value_before_parsing
 
 COMMANDS = {
     "sft": ("jetmoe_ft.sft", "cli", "supervised fine-tuning from a recipe"),
@@ -19,19 +17,20 @@ COMMANDS = {
     "orpo": ("jetmoe_ft.orpo", "cli", "reference-free preference alignment (ORPO; SimPO with method: simpo)"),
     "simpo": ("jetmoe_ft.orpo", "simpo_cli", "reference-free preference alignment (SimPO) from a recipe"),
     "grpo": ("jetmoe_ft.grpo", "cli", "online RL (GRPO) with reward heads and checkable rewards"),
-    "cls": ("jetmoe_ft.cls", "cli", "train a classifier or reward model (num_labels: 1) from a recipe"),
-    "eval-cls": ("jetmoe_ft.evaluate", "cli", "evaluate a trained classification or reward head"),
+    "cls": ("jetmoe_ft.cls", "cli", "train a classifier from a recipe (num_labels: 1 runs `rm`)"),
+    "rm": ("jetmoe_ft.rm", "cli", "train a reward model (Bradley-Terry on chosen / rejected pairs)"),
+    "eval-cls": ("jetmoe_ft.evaluation.eval_cls", "cli", "evaluate a trained classification or reward head"),
     "eval-gen": (
-        "jetmoe_ft.eval_gen",
+        "jetmoe_ft.evaluation.eval_gen",
         "cli",
         "a fine-tune's answers, rewards, instructions, routing vs its base",
     ),
     "lm-eval": (
-        "jetmoe_ft.lm_eval_model",
+        "jetmoe_ft.evaluation.lm_eval_model",
         "cli",
         "lm-evaluation-harness with the jetmoe-ft model registered",
     ),
-    "chat": ("jetmoe_ft.chat", "main", "generate replies with a trained model"),
+    "chat": ("jetmoe_ft.evaluation.chat", "main", "generate replies with a trained model"),
     "recipes": ("jetmoe_ft.cli", "list_recipes", "list the shipped recipes with what each one does"),
 }
 
@@ -51,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(usage)
         return 0
-    module_name, function, _ = COMMANDS[argv[0]]
+    command = "rm" if argv[0] == "cls" and _asks_for_reward_model(argv[1:]) else argv[0]
+    module_name, function, _ = COMMANDS[command]
     try:
         module = __import__(module_name, fromlist=[function])
     except ModuleNotFoundError as error:  # an optional extra (lm-eval) that is not installed; other import
@@ -61,55 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     return getattr(module, function)(argv[1:])
 
 
-HELP_GROUPS = (
-    ("JetMoE", lambda cls, name: cls is JetMoeArguments),
-    ("adapters", lambda cls, name: cls is AdapterArguments or (cls is ModelConfig and _is_peft_field(name))),
-    (
-        "data",
-        lambda cls, name: cls is DataArguments or name.startswith(("dataset_", "max_length", "packing")),
-    ),
-    ("model", lambda cls, name: cls is ModelConfig),
-)
-
-
-def _is_peft_field(name: str) -> bool:
-    return name.startswith(("lora_", "use_peft", "use_rslora", "use_dora", "load_in_", "bnb_"))
-
-
-def recipe_help(training_cls: type, task_cls: type | None = None) -> str:
-    """Every recipe key of a command by group (JetMoE, adapters, data, model, this loop, training), with its
-    default and the first sentence of its help."""
-    groups: dict[str, list[str]] = {}
-    for cls in dataclass_types(training_cls, task_cls):
-        for f in dataclasses.fields(cls):
-            if not f.init:
-                continue
-            group = "this loop" if cls is task_cls else "training"
-            group = next((name for name, member in HELP_GROUPS if member(cls, f.name)), group)
-            default = _field_default(f)
-            text = " ".join(str(f.metadata.get("help", "")).split()).split(". ")[0].rstrip(".")
-            groups.setdefault(group, []).append(f"  {f.name:<34} {default:<14} {text[:90]}")
-    order = ["JetMoE", "adapters", "data", "this loop", "model", "training"]
-    lines = [
-        f"Recipe keys ({training_cls.__name__}{', ' + task_cls.__name__ if task_cls else ''}); "
-        "set them in the YAML file or as --key value.",
-        "Usage: --config RECIPE.yaml [--key value ...]",
-    ]
-    for name in order:
-        if name in groups:
-            lines += ["", f"{name}:", *groups[name]]
-    return "\n".join(lines)
-
-
-def _field_default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
-        value = f.default
-    elif f.default_factory is not dataclasses.MISSING:
-        value = f.default_factory()
-    else:
-        return "(required)"
-    value = getattr(value, "value", value)
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)[:14]
+def _asks_for_reward_model(argv: list[str]) -> bool:
+    """`jetmoe-ft cls` with `num_labels: 1` trains a reward model, as it always has; an unreadable recipe is left
+    to the loop to report."""
+    try:
+        return str(value_before_parsing(argv, "num_labels")).strip() == "1"
+    except RecipeError:
+        return False
 
 
 def recipes_dir() -> Path:

@@ -1,5 +1,6 @@
 """Recipes: one flat YAML file per run, parsed with TRL's `TrlParser` into dataclasses.
-(Just over 400 lines because each group of recipe fields keeps its own checks beside its fields.)
+(About 450 lines because each group of recipe fields keeps its own checks beside its fields, and the help
+that lists them by group lives with them.)
 
 Keys are TRL/transformers argument names (`SFTConfig`, `DPOConfig`, ..., TRL's `ModelConfig`) plus
 `DataArguments` and `JetMoeArguments` below. YAML values come first, then `--key value` overrides from
@@ -7,6 +8,7 @@ the command line. Every user mistake found here raises `RecipeError`: one line n
 the fix, before any model or data set is loaded.
 """
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,62 +31,52 @@ from .recipe_values import (
 )
 
 
+def recipe_key(default: Any, help: str, **metadata: Any):
+    """A recipe field: its default, the one-sentence help `--help` lists, and argparse extras (`choices`)."""
+    return field(default=default, metadata={"help": help, **metadata})
+
+
 @dataclass
 class JetMoeArguments:
     """JetMoE fields of a recipe. `None` keeps what the model's own config says."""
 
-    tokenizer_name_or_path: str | None = field(
-        default=None,
-        metadata={
-            "help": "Tokenizer to use; defaults to the model's own (the embedded one for the tiny model)."
-        },
+    tokenizer_name_or_path: str | None = recipe_key(
+        None, "Tokenizer to use; defaults to the model's own (the embedded one for the tiny model)."
     )
-    model_seed: int = field(default=0, metadata={"help": "Seed of the random tiny model (`jetmoe-ft/tiny`)."})
-    moe_backend: str | None = field(
-        default=None, metadata={"help": "Expert dispatch: auto, loop or grouped_mm.", "choices": MOE_BACKENDS}
+    model_seed: int = recipe_key(0, "Seed of the random tiny model (`jetmoe-ft/tiny`).")
+    moe_backend: str | None = recipe_key(
+        None, "Expert dispatch: auto, loop or grouped_mm.", choices=MOE_BACKENDS
     )
-    expert_row_multiple: int | None = field(
-        default=None, metadata={"help": "Pad each expert's rows to a multiple of this (null: automatic)."}
+    expert_row_multiple: int | None = recipe_key(
+        None, "Pad each expert's rows to a multiple of this (null: automatic)."
     )
-    aux_loss_coef: float | None = field(
-        default=None,
-        metadata={"help": "Weight of the JetMoE router loss in the training loss; 0 turns it off."},
+    aux_loss_coef: float | None = recipe_key(
+        None, "Weight of the JetMoE router loss in the training loss; 0 turns it off."
     )
-    router_z_loss_coef: float | None = field(
-        default=None, metadata={"help": "Weight of the z-loss inside the router loss (JetMoE: 0.1)."}
+    router_z_loss_coef: float | None = recipe_key(
+        None, "Weight of the z-loss inside the router loss (JetMoE: 0.1)."
     )
-    router_loss_ignore_padding: bool | None = field(
-        default=None, metadata={"help": "Leave padding tokens out of the router loss statistics."}
+    router_loss_ignore_padding: bool | None = recipe_key(
+        None, "Leave padding tokens out of the router loss statistics."
     )
-    chunked_lm_head: bool = field(
-        default=True,
-        metadata={
-            "help": "Score tokens with the chunked LM head (no [tokens, vocab] logits kept); false builds the logits."
-        },
+    chunked_lm_head: bool = recipe_key(
+        True,
+        "Score tokens with the chunked LM head (no [tokens, vocab] logits kept); false builds the logits.",
     )
-    lm_head_chunk_size: int = field(
-        default=1024, metadata={"help": "Tokens per chunk of the chunked LM head."}
+    lm_head_chunk_size: int = recipe_key(1024, "Tokens per chunk of the chunked LM head.")
+    overwrite_output_dir: bool = recipe_key(
+        False, "Start a fresh run in an output_dir that holds another run's checkpoints."
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Start a fresh run in an output_dir that holds another run's checkpoints."},
+    resume_other_recipe: bool = recipe_key(
+        False, "Resume a checkpoint that another recipe (other values or data) wrote."
     )
-    resume_other_recipe: bool = field(
-        default=False,
-        metadata={"help": "Resume a checkpoint that another recipe (other values or data) wrote."},
+    allow_partial_load: bool = recipe_key(
+        False,
+        "Start from a checkpoint that lacks some of the model's tensors or holds extra ones (missing "
+        "ones are newly initialised); off, such a checkpoint is refused.",
     )
-    allow_partial_load: bool = field(
-        default=False,
-        metadata={
-            "help": "Start from a checkpoint that lacks some of the model's tensors or holds extra ones (missing "
-            "ones are newly initialised); off, such a checkpoint is refused."
-        },
-    )
-    nonfinite_skip_steps: int = field(
-        default=0,
-        metadata={
-            "help": "Optimizer steps with a NaN/Inf loss or gradient to skip before stopping (0: stop at the first)."
-        },
+    nonfinite_skip_steps: int = recipe_key(
+        0, "Optimizer steps with a NaN/Inf loss or gradient to skip before stopping (0: stop at the first)."
     )
 
     def model_config_overrides(self) -> dict[str, Any]:
@@ -104,46 +96,36 @@ EXPERT_SCORES = ("gate", "token")
 
 @dataclass
 class AdapterArguments:
-    """What to train: expert-aware LoRA targets, which experts, frozen routers (see `jetmoe_ft.adapt`)."""
+    """What to train: expert-aware LoRA targets, which experts, frozen routers (see `jetmoe_ft.adapters.adapt`)."""
 
-    lora_targets: list[str] | None = field(
-        default=None,
-        metadata={"help": "LoRA targets by name: " + ", ".join(LORA_TARGETS) + ". Setting it turns LoRA on."},
+    lora_targets: list[str] | None = recipe_key(
+        None, "LoRA targets by name: " + ", ".join(LORA_TARGETS) + ". Setting it turns LoRA on."
     )
-    lora_experts: YamlValue = field(
-        default="all",
-        metadata={
-            "help": "Experts that get LoRA: all, auto (picked from the data), a list of expert indices, "
-            "or a mapping layer -> list."
-        },
+    lora_experts: YamlValue = recipe_key(
+        "all",
+        "Experts that get LoRA: all, auto (picked from the data), a list of expert indices, "
+        "or a mapping layer -> list.",
     )
-    finetune_experts: YamlValue = field(
-        default=None,
-        metadata={
-            "help": "Full fine-tuning of only these experts (others get no update): auto, a list, "
-            "or a mapping layer -> list; null trains every expert."
-        },
+    finetune_experts: YamlValue = recipe_key(
+        None,
+        "Full fine-tuning of only these experts (others get no update): auto, a list, "
+        "or a mapping layer -> list; null trains every expert.",
     )
-    expert_score: str = field(
-        default="gate",
-        metadata={
-            "help": "How `auto` scores experts: gate (average gate score) or token (selection ratio).",
-            "choices": EXPERT_SCORES,
-        },
+    expert_score: str = recipe_key(
+        "gate",
+        "How `auto` scores experts: gate (average gate score) or token (selection ratio).",
+        choices=EXPERT_SCORES,
     )
-    expert_top_p: float = field(
-        default=0.5,
-        metadata={"help": "`auto` keeps, per router, the fewest experts whose score share reaches this."},
+    expert_top_p: float = recipe_key(
+        0.5, "`auto` keeps, per router, the fewest experts whose score share reaches this."
     )
-    expert_selection_samples: int = field(
-        default=256, metadata={"help": "Training rows the base model reads to score experts for `auto`."}
+    expert_selection_samples: int = recipe_key(
+        256, "Training rows the base model reads to score experts for `auto`."
     )
-    freeze_router: str | None = field(
-        default=None,
-        metadata={
-            "help": "Routers kept frozen: none, all, moa or moe (null: none for full fine-tuning, all with LoRA).",
-            "choices": FREEZE_ROUTER,
-        },
+    freeze_router: str | None = recipe_key(
+        None,
+        "Routers kept frozen: none, all, moa or moe (null: none for full fine-tuning, all with LoRA).",
+        choices=FREEZE_ROUTER,
     )
 
     def frozen_routers(self, use_lora: bool) -> str:
@@ -188,31 +170,20 @@ DATASET_ENTRY_KEYS = ("path", "name", "data_dir", "data_files", "split", "column
 class DataArguments:
     """Where the data comes from: one source (`dataset_name`) or a mixture (`datasets`)."""
 
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "An embedded data set, a local file or folder (json/jsonl/csv/parquet), or a hub id."
-        },
+    dataset_name: str | None = recipe_key(
+        None, "An embedded data set, a local file or folder (json/jsonl/csv/parquet), or a hub id."
     )
-    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the data set."})
-    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
-    dataset_test_split: str = field(default="test", metadata={"help": "Split to evaluate on."})
-    datasets: list[dict] | None = field(
-        default=None,
-        metadata={
-            "help": "A mixture: entries with path, name, data_dir, data_files, split, columns, weight."
-        },
+    dataset_config: str | None = recipe_key(None, "Configuration name of the data set.")
+    dataset_train_split: str = recipe_key("train", "Split to train on.")
+    dataset_test_split: str = recipe_key("test", "Split to evaluate on.")
+    datasets: list[dict] | None = recipe_key(
+        None, "A mixture: entries with path, name, data_dir, data_files, split, columns, weight."
     )
-    test_split_size: float | None = field(
-        default=None,
-        metadata={"help": "Hold out this share of the training data when there is no test split."},
+    test_split_size: float | None = recipe_key(
+        None, "Hold out this share of the training data when there is no test split."
     )
-    max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use at most this many training rows."}
-    )
-    max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use at most this many evaluation rows."}
-    )
+    max_train_samples: int | None = recipe_key(None, "Use at most this many training rows.")
+    max_eval_samples: int | None = recipe_key(None, "Use at most this many evaluation rows.")
 
     def __post_init__(self):
         if self.dataset_name is None and not self.datasets:
@@ -289,8 +260,6 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
     (and whose loop-specific fields, if any, are the dataclass `task_cls`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        from .cli import recipe_help  # the command line's own module; imported only when asked
-
         print(recipe_help(training_cls, task_cls))
         raise SystemExit(0)
     groups = dataclass_types(training_cls, task_cls)
@@ -403,3 +372,54 @@ def dataclass_types(training_cls: type, task_cls: type | None = None) -> list[ty
 def recipe_keys(training_cls: type, task_cls: type | None = None) -> list[str]:
     """Every key a recipe for `training_cls` (and `task_cls`) accepts."""
     return sorted(field_types(dataclass_types(training_cls, task_cls)))
+
+
+HELP_GROUPS = (
+    ("JetMoE", lambda cls, name: cls is JetMoeArguments),
+    ("adapters", lambda cls, name: cls is AdapterArguments or (cls is ModelConfig and _is_peft_field(name))),
+    (
+        "data",
+        lambda cls, name: cls is DataArguments or name.startswith(("dataset_", "max_length", "packing")),
+    ),
+    ("model", lambda cls, name: cls is ModelConfig),
+)
+
+
+def _is_peft_field(name: str) -> bool:
+    return name.startswith(("lora_", "use_peft", "use_rslora", "use_dora", "load_in_", "bnb_"))
+
+
+def recipe_help(training_cls: type, task_cls: type | None = None) -> str:
+    """Every recipe key of a command by group (JetMoE, adapters, data, model, this loop, training), with its
+    default and the first sentence of its help."""
+    groups: dict[str, list[str]] = {}
+    for cls in dataclass_types(training_cls, task_cls):
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            group = "this loop" if cls is task_cls else "training"
+            group = next((name for name, member in HELP_GROUPS if member(cls, f.name)), group)
+            default = _field_default(f)
+            text = " ".join(str(f.metadata.get("help", "")).split()).split(". ")[0].rstrip(".")
+            groups.setdefault(group, []).append(f"  {f.name:<34} {default:<14} {text[:90]}")
+    order = ["JetMoE", "adapters", "data", "this loop", "model", "training"]
+    lines = [
+        f"Recipe keys ({training_cls.__name__}{', ' + task_cls.__name__ if task_cls else ''}); "
+        "set them in the YAML file or as --key value.",
+        "Usage: --config RECIPE.yaml [--key value ...]",
+    ]
+    for name in order:
+        if name in groups:
+            lines += ["", f"{name}:", *groups[name]]
+    return "\n".join(lines)
+
+
+def _field_default(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    value = getattr(value, "value", value)
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)[:14]

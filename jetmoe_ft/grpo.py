@@ -3,52 +3,52 @@
 jetmoe-ft grpo --config recipes/tiny/grpo.yaml [--key value ...]
 accelerate launch -m jetmoe_ft.grpo --config recipes/tiny/grpo.yaml
 
-Completions come from our model's own `generate` (KV cache; vLLM has no JetMoE). Rewards: `jetmoe_ft.reward_funcs`.
+Completions come from our model's own `generate` (KV cache; vLLM has no JetMoE). Rewards: `jetmoe_ft.evaluation.reward_funcs`.
 The reference (`beta > 0`) is the adapter disabled with LoRA, else a frozen copy. Each step logs `aux_loss` and
-`routing/rollout_match` (`jetmoe_ft.rollout_routing`); before and after training the greedy answers to the held-out
+`routing/rollout_match` (`jetmoe_ft.training.rollout_routing`); before and after training the greedy answers to the held-out
 prompts are scored with the recipe's rewards (mean, 95% bootstrap intervals, the paired change).
 """
 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from accelerate.utils import gather_object
 from trl import GRPOConfig, GRPOTrainer
 
-from .adapt import adapt_model
+from .adapters.adapt import adapt_model
 from .compat import grpo_generate_and_score, grpo_generate_single_turn, grpo_reference
-from .config import YamlValue, parse_recipe
+from .config import YamlValue, parse_recipe, recipe_key
 from .data import load_recipe_datasets
 from .data.prompts import to_prompts
-from .generation import generate_answers, prompt_token_ids
+from .evaluation.generation import generate_answers, prompt_token_ids
+from .evaluation.metrics import bootstrap_intervals, paired_bootstrap
+from .evaluation.reward_funcs import build_reward_funcs, parse_reward_funcs
 from .loading import check_tokenizer, load_recipe_model, load_recipe_tokenizer, resolve_pad_token
-from .metrics import bootstrap_intervals, paired_bootstrap
-from .reference import drop_fresh_reference_adapter, record_stacked_base, reference_model, trainable_flags
-from .reward_funcs import build_reward_funcs, parse_reward_funcs
-from .rollout_routing import RolloutRouting
-from .runs import finish_run, prepare_processes, run_command, start_run, train_with_evaluations
-from .trainers import JetMoeTrainerMixin
+from .training.reference import (
+    drop_fresh_reference_adapter,
+    record_stacked_base,
+    reference_model,
+    trainable_flags,
+)
+from .training.rollout_routing import RolloutRouting
+from .training.runs import finish_run, prepare_processes, run_command, start_run, train_with_evaluations
+from .training.trainers import JetMoeTrainerMixin
 
 
 @dataclass
 class GrpoArguments:
     """GRPO's own recipe keys (every `GRPOConfig` field is one too: `num_generations`, `beta`, `reward_weights`...)."""
 
-    reward_funcs: YamlValue = field(
-        default=None,
-        metadata={
-            "help": "Rewards: built-in names (with arguments as `name: {arg: value}`), reward-model directories "
-            "(`jetmoe-ft cls`, num_labels: 1), or module:function."
-        },
+    reward_funcs: YamlValue = recipe_key(
+        None,
+        "Rewards: built-in names (with arguments as `name: {arg: value}`), reward-model directories "
+        "(`jetmoe-ft cls`, num_labels: 1), or module:function.",
     )
-    reward_model_fallback: str | None = field(
-        default=None,
-        metadata={
-            "help": "Built-in reward used instead of a reward-model directory that does not exist (null: error)."
-        },
+    reward_model_fallback: str | None = recipe_key(
+        None, "Built-in reward used instead of a reward-model directory that does not exist (null: error)."
     )
 
 

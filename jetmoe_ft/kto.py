@@ -4,7 +4,7 @@ jetmoe-ft kto --config recipes/tiny/kto.yaml [--key value ...]
 accelerate launch -m jetmoe_ft.kto --config recipes/tiny/kto.yaml
 
 Data: `prompt` / `completion` / `label` (desirable or not), or preference pairs, unpaired (`jetmoe_ft.data.unpaired`).
-The reference policy is the starting model, as in DPO (`jetmoe_ft.reference`): the adapter disabled with LoRA, else
+The reference policy is the starting model, as in DPO (`jetmoe_ft.training.reference`): the adapter disabled with LoRA, else
 a frozen copy or precomputed log-probabilities. Before and after training, the held-out pairwise accuracy of KTO's
 implicit reward, beta x (policy - reference) log-probability of a completion, compares the desirable and the
 undesirable completion of each held-out pair (`eval_{before,after}_pairs/*` in `metrics.json`).
@@ -17,13 +17,13 @@ import sys
 import torch
 from trl import KTOConfig, KTOTrainer
 
-from .adapt import adapt_model
-from .compat import kto_prepare_dataset, precompute_ref_logps
+from .adapters.adapt import adapt_model
+from .compat import kto_prepare_dataset
 from .config import parse_recipe
 from .data import load_recipe_datasets
 from .data.unpaired import check_unpaired, check_unpaired_formats, held_out_pairs, is_paired
 from .distributed import is_main_process
-from .dpo import pair_metrics, preference_lines
+from .evaluation.preference_report import pair_metrics, preference_lines
 from .loading import (
     check_recipe_model,
     check_tokenizer,
@@ -31,37 +31,22 @@ from .loading import (
     load_recipe_tokenizer,
     resolve_pad_token,
 )
-from .reference import (
-    drop_fresh_reference_adapter,
-    record_stacked_base,
-    reference_kind,
-    reference_model,
-    trainable_flags,
-)
-from .runs import (
+from .training.reference import StartingModelReference, record_stacked_base, reference_kind, reference_model
+from .training.runs import (
     finish_run,
+    make_trainer,
     memory_metrics,
     prepare_processes,
     run_command,
     start_run,
     train_with_evaluations,
 )
-from .trainers import JetMoeTrainerMixin
+from .training.trainers import JetMoeTrainerMixin
 
 
-class JetMoeKTOTrainer(JetMoeTrainerMixin, KTOTrainer):
+class JetMoeKTOTrainer(StartingModelReference, JetMoeTrainerMixin, KTOTrainer):
     """TRL's `KTOTrainer` with the JetMoE trainer layer, a LoRA reference that is the base model with the adapter
     disabled, KL completions paired within the global batch, and the held-out pairwise accuracy in `evaluate`."""
-
-    def __init__(self, model, *args, **kwargs):
-        trainable = trainable_flags(model)
-        super().__init__(model, *args, **kwargs)
-        drop_fresh_reference_adapter(self.model, trainable)
-
-    def _precompute_ref_logps(self, dataset, name, batch_size):
-        # TRL precomputes inside its __init__, after adding its fused heads: the reference must see ours.
-        self.install_lm_heads()
-        return precompute_ref_logps(JetMoeKTOTrainer, self, dataset, name, batch_size)
 
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
         """TRL's preparation; over several processes, the KL completions of the training rows are rotated within
@@ -136,23 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     model = adapt_model(recipe, model, train_dataset=_as_pairs_for_check(data["train"]), tokenizer=tokenizer)
     record_stacked_base(model, recipe)
 
-    trainer = JetMoeKTOTrainer(
-        model=model,
-        ref_model=reference,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test"),
-        processing_class=tokenizer,
-    )
+    trainer = make_trainer(JetMoeKTOTrainer, recipe, model, data, tokenizer, ref_model=reference)
     if is_main_process():
         print(f"KTO: reference {reference_kind(trainer)} (the starting model); {_balance(data['train'])}.")
     metrics = train_with_evaluations(trainer, run)
-    metrics.update(
-        {
-            "reference": reference_kind(trainer),
-            **memory_metrics(trainer),
-        }
-    )
+    metrics |= {"reference": reference_kind(trainer), **memory_metrics(trainer)}
     lines = preference_lines(metrics, "pairs/accuracy", "pairs/margin", "pairs/accuracy_se", _what(metrics))
     finish_run(trainer, recipe, tokenizer, metrics, lines)
     return metrics

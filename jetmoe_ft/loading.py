@@ -18,14 +18,14 @@ from peft import PeftConfig, PeftModel
 from safetensors import SafetensorError, safe_open
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .adapt import _check_choices as check_adapter_choices
+from .adapters.adapt import check_adapter_choices
+from .adapters.lora import register_expert_lora
+from .adapters.quantization import QUANT_TYPES, quantize_model_4bit
+from .adapters.selection import experts_per_router
 from .assets import EMBEDDED_TOKENIZER, TINY_MODEL, build_tiny_model, load_tokenizer, tiny_config
 from .config import Recipe, RecipeError
 from .distributed import declare_zero3_leaf_modules
-from .lora import register_expert_lora
 from .modeling import JetMoeConfig, JetMoeForCausalLM, JetMoePreTrainedModel
-from .quantization import QUANT_TYPES, quantize_model_4bit
-from .selection import experts_per_router
 
 TINY_NAMES = (TINY_MODEL, "tiny")
 EMBEDDED_TOKENIZER_NAMES = (EMBEDDED_TOKENIZER, "embedded")

@@ -15,19 +15,19 @@ average log-probability of an answer, compares the chosen and rejected answer of
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-from .adapt import adapt_model
+from .adapters.adapt import adapt_model
 from .compat import trl_stored_metrics
-from .config import RecipeError, parse_recipe
+from .config import RecipeError, parse_recipe, recipe_key
 from .data import check_preferences, load_recipe_datasets
 from .distributed import is_main_process
-from .dpo import pair_metrics, preference_lines
+from .evaluation.preference_report import pair_metrics, preference_lines
 from .loading import (
     check_recipe_model,
     check_tokenizer,
@@ -36,16 +36,17 @@ from .loading import (
     resolve_pad_token,
 )
 from .recipe_values import value_before_parsing
-from .reference import record_stacked_base
-from .runs import (
+from .training.reference import record_stacked_base
+from .training.runs import (
     finish_run,
+    make_trainer,
     memory_metrics,
     prepare_processes,
     run_command,
     start_run,
     train_with_evaluations,
 )
-from .trainers import JetMoeTrainerMixin
+from .training.trainers import JetMoeTrainerMixin
 
 METHODS = ("orpo", "simpo")
 REFERENCE_FREE = {
@@ -60,12 +61,8 @@ REFERENCE_FREE = {
 class MethodArguments:
     """The recipe key that picks the loss of this loop."""
 
-    method: str = field(
-        default="orpo",
-        metadata={
-            "help": "orpo (TRL ORPOTrainer) or simpo (TRL CPOTrainer, loss_type simpo).",
-            "choices": METHODS,
-        },
+    method: str = recipe_key(
+        "orpo", "orpo (TRL ORPOTrainer) or simpo (TRL CPOTrainer, loss_type simpo).", choices=METHODS
     )
 
 
@@ -163,21 +160,9 @@ def main(argv: list[str] | None = None, default_method: str = "orpo") -> dict[st
     model = adapt_model(recipe, model, train_dataset=data["train"], tokenizer=tokenizer)
     record_stacked_base(model, recipe)
 
-    trainer = TRAINERS[method][1](
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test"),
-        processing_class=tokenizer,
-    )
+    trainer = make_trainer(TRAINERS[method][1], recipe, model, data, tokenizer)
     metrics = train_with_evaluations(trainer, run)
-    metrics.update(
-        {
-            "method": method,
-            "reference": "none",
-            **memory_metrics(trainer),
-        }
-    )
+    metrics |= {"method": method, "reference": "none", **memory_metrics(trainer)}
     what = (
         f"pairwise accuracy of the average log-probability ({metrics.get('eval_after_pairs/count', 0)} pairs)"
     )

@@ -8,12 +8,20 @@ import sys
 
 from trl import SFTConfig, SFTTrainer
 
-from .adapt import adapt_model
+from .adapters.adapt import adapt_model
 from .config import parse_recipe
 from .data import load_recipe_datasets
 from .loading import check_recipe_model, check_tokenizer, load_recipe_model, load_recipe_tokenizer
-from .runs import finish_run, prepare_processes, run_command, start_run, train_with_evaluations
-from .trainers import JetMoeTrainerMixin
+from .training.runs import (
+    before_after,
+    finish_run,
+    make_trainer,
+    prepare_processes,
+    run_command,
+    start_run,
+    train_with_evaluations,
+)
+from .training.trainers import JetMoeTrainerMixin
 
 
 class JetMoeSFTTrainer(JetMoeTrainerMixin, SFTTrainer):
@@ -38,24 +46,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     run = start_run(recipe, data)
     model = adapt_model(recipe, load_recipe_model(recipe), train_dataset=data["train"], tokenizer=tokenizer)
 
-    trainer = JetMoeSFTTrainer(
-        model=model,
-        args=args,
-        train_dataset=data["train"],
-        eval_dataset=data.get("test"),
-        processing_class=tokenizer,
-    )
+    trainer = make_trainer(JetMoeSFTTrainer, recipe, model, data, tokenizer)
     metrics = train_with_evaluations(trainer, run)
-    finish_run(trainer, recipe, tokenizer, metrics, held_out_line(metrics))
+    loss = before_after(metrics, "loss")
+    finish_run(
+        trainer,
+        recipe,
+        tokenizer,
+        metrics,
+        [f"Held-out loss (next token, assistant turns): {loss}."] if loss else [],
+    )
     return metrics
-
-
-def held_out_line(metrics: dict[str, float]) -> list[str]:
-    """`Held-out loss (next token, assistant turns): B before -> A after.`, when there is held-out data."""
-    if "eval_after_loss" not in metrics:
-        return []
-    before = f"{metrics['eval_before_loss']:.3f} before -> " if "eval_before_loss" in metrics else ""
-    return [f"Held-out loss (next token, assistant turns): {before}{metrics['eval_after_loss']:.3f} after."]
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -14,9 +14,12 @@ from trl import RewardConfig
 
 from jetmoe_ft import JetMoeConfig, JetMoeForSequenceClassification
 from jetmoe_ft.assets import build_tiny_model, load_tokenizer
-from jetmoe_ft.cls import JetMoeClassificationTrainer, JetMoeRewardTrainer, cli
+from jetmoe_ft.cli import main as jetmoe_ft_cli
+from jetmoe_ft.cls import JetMoeClassificationTrainer, cli
 from jetmoe_ft.cls import main as cls_main
-from jetmoe_ft.evaluate import main as eval_main
+from jetmoe_ft.evaluation.eval_cls import main as eval_main
+from jetmoe_ft.rm import JetMoeRewardTrainer
+from jetmoe_ft.rm import main as rm_main
 
 from .conftest import tiny_kwargs
 
@@ -174,7 +177,7 @@ def test_lora_run_saves_and_evaluates_a_trained_head(tmp_path):
 
 def test_reward_model_trains_and_evaluates(tmp_path):
     out = tmp_path / "rm"
-    metrics = cls_main(
+    metrics = rm_main(
         ["--config", RM_RECIPE, "--output_dir", str(out), "--max_steps", "2", "--max_train_samples", "16"]
         + ["--model_name_or_path", "jetmoe-ft/tiny"]
         + ["--max_eval_samples", "12", "--max_length", "64", "--per_device_train_batch_size", "4"]
@@ -210,10 +213,21 @@ def test_reward_model_trains_and_evaluates(tmp_path):
     ],
 )
 def test_data_mistakes_are_one_line_before_any_model(tmp_path, capsys, rows, extra, message):
+    """Through `jetmoe-ft cls`, which reads `num_labels: 1` as a reward model (the `rm` loop)."""
     data = _jsonl(tmp_path / "data.jsonl", rows)
-    assert cli(["--config", CLS_RECIPE, "--dataset_name", data, "--output_dir", str(tmp_path), *extra]) == 2
+    argv = ["--config", CLS_RECIPE, "--dataset_name", data, "--output_dir", str(tmp_path), *extra]
+    assert jetmoe_ft_cli(["cls", *argv]) == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], errors
+
+
+def test_each_head_loop_refuses_the_other_heads_num_labels(tmp_path, capsys):
+    assert cli(["--config", CLS_RECIPE, "--num_labels", "1", "--output_dir", str(tmp_path)]) == 2
+    assert "num_labels: 1 trains a reward model; run `jetmoe-ft rm`" in capsys.readouterr().err
+    from jetmoe_ft.rm import cli as rm_cli
+
+    assert rm_cli(["--config", RM_RECIPE, "--num_labels", "2", "--output_dir", str(tmp_path)]) == 2
+    assert "num_labels: 2 trains a classifier; run `jetmoe-ft cls`" in capsys.readouterr().err
 
 
 def test_unseen_test_label_is_named(tmp_path, capsys):

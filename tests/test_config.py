@@ -7,10 +7,11 @@ from trl import DPOConfig, GRPOConfig, KTOConfig, RewardConfig, SFTConfig
 from trl.experimental.cpo import CPOConfig
 from trl.experimental.orpo import ORPOConfig
 
-from jetmoe_ft.cls import ClsArguments, RewardArguments
+from jetmoe_ft.cls import ClsArguments
 from jetmoe_ft.config import RecipeError, parse_recipe, recipe_keys
 from jetmoe_ft.grpo import GrpoArguments
 from jetmoe_ft.orpo import MethodArguments
+from jetmoe_ft.rm import RewardArguments
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").rglob("*.yaml"))
 LOOPS = {

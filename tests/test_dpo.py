@@ -18,8 +18,8 @@ from jetmoe_ft.config import RecipeError
 from jetmoe_ft.data import check_preferences
 from jetmoe_ft.dpo import JetMoeDPOTrainer
 from jetmoe_ft.dpo import main as dpo_main
-from jetmoe_ft.reference import record_stacked_base
-from jetmoe_ft.runs import last_complete_checkpoint
+from jetmoe_ft.training.reference import record_stacked_base
+from jetmoe_ft.training.runs import last_complete_checkpoint
 
 from .conftest import learnable_pairs, tiny_kwargs
 

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
-from jetmoe_ft.drift import (
+from jetmoe_ft.training.drift import (
     RoutingDriftProbe,
     collect_router_logits,
     pad_token_ids,

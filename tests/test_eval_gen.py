@@ -11,9 +11,15 @@ from peft import LoraConfig, get_peft_model
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
 from jetmoe_ft.assets import load_tokenizer
-from jetmoe_ft.eval_gen import cli, main
-from jetmoe_ft.generation import Answer, distinct_n, generate_answers, prompt_token_ids, repeated_ngrams
-from jetmoe_ft.metrics import paired_bootstrap
+from jetmoe_ft.evaluation.eval_gen import cli, main
+from jetmoe_ft.evaluation.generation import (
+    Answer,
+    distinct_n,
+    generate_answers,
+    prompt_token_ids,
+    repeated_ngrams,
+)
+from jetmoe_ft.evaluation.metrics import paired_bootstrap
 
 from .conftest import randomize_biases, tiny_kwargs
 

@@ -13,8 +13,8 @@ from trl import RewardConfig, RewardTrainer
 from jetmoe_ft import JetMoeConfig, JetMoeForSequenceClassification
 from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.data.embedded import load_chatterbot_pairs, load_rotten_tomatoes
-from jetmoe_ft.evaluate import cli, main, pair_token_ids
-from jetmoe_ft.metrics import (
+from jetmoe_ft.evaluation.eval_cls import cli, main, pair_token_ids
+from jetmoe_ft.evaluation.metrics import (
     bootstrap_intervals,
     classification_scores,
     expected_calibration_error,

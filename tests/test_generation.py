@@ -124,7 +124,7 @@ def test_batched_left_padded_generation_equals_one_by_one():
 def _adapted(backend: str):
     from peft import LoraConfig, get_peft_model
 
-    from jetmoe_ft.lora import register_expert_lora
+    from jetmoe_ft.adapters.lora import register_expert_lora
 
     model = _model(moe_backend=backend, hidden_size=128, kv_channels=32, intermediate_size=128)
     targets = ["experts.input_linear", "experts.output_linear", "mlp.input_linear", "mlp.output_linear"]
@@ -152,7 +152,7 @@ def test_expert_lora_goes_through_the_unsorted_rows():
 
 def test_4bit_experts_go_through_the_unsorted_rows():
     pytest.importorskip("bitsandbytes")
-    from jetmoe_ft.quantization import quantize_model_4bit
+    from jetmoe_ft.adapters.quantization import quantize_model_4bit
 
     auto, loop = (
         quantize_model_4bit(

@@ -17,10 +17,10 @@ from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassifi
 from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.config import RecipeError
 from jetmoe_ft.data.prompts import to_prompts
+from jetmoe_ft.evaluation.reward_funcs import build_reward_funcs, parse_reward_funcs
 from jetmoe_ft.grpo import JetMoeGRPOTrainer, cli
 from jetmoe_ft.grpo import main as grpo_main
-from jetmoe_ft.reward_funcs import build_reward_funcs, parse_reward_funcs
-from jetmoe_ft.rollout_routing import UNSET, RolloutRouting
+from jetmoe_ft.training.rollout_routing import UNSET, RolloutRouting
 
 from .conftest import tiny_kwargs
 

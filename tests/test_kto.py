@@ -19,7 +19,7 @@ from jetmoe_ft.data.unpaired import check_unpaired, held_out_pairs, unpair
 from jetmoe_ft.kto import JetMoeKTOTrainer
 from jetmoe_ft.kto import cli as kto_cli
 from jetmoe_ft.kto import main as kto_main
-from jetmoe_ft.reference import reference_kind
+from jetmoe_ft.training.reference import reference_kind
 
 from .conftest import learnable_pairs, tiny_kwargs
 

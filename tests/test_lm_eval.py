@@ -6,8 +6,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
-from jetmoe_ft.eval_gen import cli  # noqa: E402
-from jetmoe_ft.lm_eval_model import JetMoeLM, check_tasks, run_tasks  # noqa: E402
+from jetmoe_ft.evaluation.eval_gen import cli  # noqa: E402
+from jetmoe_ft.evaluation.lm_eval_model import JetMoeLM, check_tasks, run_tasks  # noqa: E402
 
 from .test_eval_gen import runs  # noqa: E402, F401  (the saved models)
 
@@ -65,7 +65,7 @@ def _request(context: str, continuation: str):
 
 
 def test_eval_gen_runs_harness_tasks_on_both_models(runs, tasks, tmp_path):  # noqa: F811
-    from jetmoe_ft.eval_gen import main
+    from jetmoe_ft.evaluation.eval_gen import main
 
     report = main(
         ["--model", str(runs / "tuned"), "--no_instructions", "--max_samples", "2", "--max_new_tokens", "2"]
@@ -117,7 +117,7 @@ def test_lm_eval_without_the_extra_is_one_line(monkeypatch, capsys):
     from jetmoe_ft.cli import main
 
     monkeypatch.setitem(sys.modules, "lm_eval.api.registry", None)  # as if `lm-eval` were not installed
-    monkeypatch.delitem(sys.modules, "jetmoe_ft.lm_eval_model")
+    monkeypatch.delitem(sys.modules, "jetmoe_ft.evaluation.lm_eval_model")
     assert main(["lm-eval", "run", "--tasks", "x"]) == 2
     assert (
         capsys.readouterr().err.strip()

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
-from jetmoe_ft.lm_head_loss import IGNORE_INDEX, LMHeadLoss, causal_lm_loss, per_token_logps
+from jetmoe_ft.modeling.lm_head_loss import IGNORE_INDEX, LMHeadLoss, causal_lm_loss, score_tokens
 from tests.conftest import tiny_kwargs
 
 B, T, H, V = 2, 24, 16, 50
@@ -22,6 +22,11 @@ def make_inputs(dtype=torch.float32, bias=False):
     labels[0, :5] = IGNORE_INDEX
     labels[1, T // 2 :] = IGNORE_INDEX
     return hidden, weight, head_bias, labels
+
+
+def per_token_logps(hidden, weight, targets, chunk_size, bias=None):
+    """log p(target) per token, with gradient: what DPO, KTO and ORPO sum per sequence."""
+    return score_tokens(hidden, weight, targets, chunk_size, bias, statistics=False).log_probs
 
 
 def grads_of(loss, *tensors):

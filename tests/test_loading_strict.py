@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
 from jetmoe_ft.assets import tiny_config
 from jetmoe_ft.config import RecipeError
-from jetmoe_ft.evaluate import cli as eval_cls_cli
+from jetmoe_ft.evaluation.eval_cls import cli as eval_cls_cli
 from jetmoe_ft.loading import load_trained_model, strict_from_pretrained
 from jetmoe_ft.sft import cli as sft_cli
 

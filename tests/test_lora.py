@@ -12,12 +12,12 @@ from peft import PeftModel
 from trl import SFTConfig
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
-from jetmoe_ft.adapt import adapt_model, parameter_group, trainable_parameter_table
+from jetmoe_ft.adapters.adapt import adapt_model, parameter_group, trainable_parameter_table
+from jetmoe_ft.adapters.lora import ExpertLoraLayer, expert_lora_layers
+from jetmoe_ft.adapters.selection import keep_top_p, select_experts
 from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.config import RecipeError, parse_recipe
 from jetmoe_ft.loading import load_trained_model
-from jetmoe_ft.lora import ExpertLoraLayer, expert_lora_layers
-from jetmoe_ft.selection import keep_top_p, select_experts
 
 from .conftest import randomize_biases, tiny_kwargs
 

@@ -130,6 +130,33 @@ def test_router_logits_are_recorded_once_with_gradient_checkpointing():
     assert model.model.layers[0].mlp.router.layer.weight.grad is not None
 
 
+@pytest.mark.parametrize(
+    "classes",
+    [
+        (transformers.JetMoeConfig, transformers.JetMoeModel),  # the control: transformers' own passes
+        (JetMoeConfig, JetMoeModel),
+        (JetMoeConfig, JetMoeForCausalLM),
+        (JetMoeConfig, JetMoeForSequenceClassification),
+    ],
+    ids=lambda classes: f"{classes[1].__module__.split('.')[0]}-{classes[1].__name__}",
+)
+def test_retain_grad_on_returned_hidden_states_and_attentions(classes):
+    """transformers' `test_retain_grad_hidden_states_attentions`: the hidden states and attention weights we
+    return are the tensors in the autograd graph, so `.retain_grad()` on them gets a gradient."""
+    config_cls, model_cls = classes
+    config = config_cls(**tiny_kwargs(), pad_token_id=127)  # not 0: its zero embedding row is the tied logit 0
+    config.output_hidden_states = True
+    config.output_attentions = True
+    model = model_cls(config)
+    outputs = model(input_ids=torch.randint(0, 127, (2, 7)), attention_mask=torch.ones(2, 7, dtype=torch.long))
+    hidden_states, attentions = outputs.hidden_states[0], outputs.attentions[0]
+    hidden_states.retain_grad()
+    attentions.retain_grad()
+    outputs[0].flatten()[0].backward(retain_graph=True)
+    assert hidden_states.grad is not None and attentions.grad is not None
+    assert attentions.grad.abs().sum() > 0
+
+
 def test_configuration_file_has_a_licence_header_with_a_year():
     for path in (
         Path(configuration_jetmoe.__file__),

@@ -74,7 +74,7 @@ def test_an_evaluation_pass_keeps_the_gradient_through_4bit_kv_proj():
     import torch
 
     from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
-    from jetmoe_ft.quantization import quantize_model_4bit
+    from jetmoe_ft.adapters.quantization import quantize_model_4bit
 
     from .conftest import tiny_kwargs
 

@@ -9,11 +9,11 @@ pytest.importorskip("bitsandbytes")
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM  # noqa: E402
-from jetmoe_ft.adapt import adapt_model  # noqa: E402
+from jetmoe_ft.adapters.adapt import adapt_model  # noqa: E402
+from jetmoe_ft.adapters.lora import expert_lora_layers  # noqa: E402
+from jetmoe_ft.adapters.quantization import JetMoeParallelExperts4bit, quantize_model_4bit  # noqa: E402
 from jetmoe_ft.config import RecipeError, parse_recipe  # noqa: E402
 from jetmoe_ft.loading import load_recipe_model, load_trained_model  # noqa: E402
-from jetmoe_ft.lora import expert_lora_layers  # noqa: E402
-from jetmoe_ft.quantization import JetMoeParallelExperts4bit, quantize_model_4bit  # noqa: E402
 
 from .conftest import randomize_biases, tiny_kwargs  # noqa: E402
 

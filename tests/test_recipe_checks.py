@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import jetmoe_ft.sft
-from jetmoe_ft.chat import main as chat_main
+from jetmoe_ft.evaluation.chat import main as chat_main
 from jetmoe_ft.sft import cli as sft_cli
 
 ROOT = Path(__file__).resolve().parents[1]

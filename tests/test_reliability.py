@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 
 from jetmoe_ft.cls import cli as cls_cli
 from jetmoe_ft.dpo import cli as dpo_cli
-from jetmoe_ft.provenance import LOCK_FILE
 from jetmoe_ft.sft import cli as sft_cli
+from jetmoe_ft.training.provenance import LOCK_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "recipes" / "tiny"

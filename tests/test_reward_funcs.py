@@ -6,9 +6,9 @@ import torch
 from jetmoe_ft import JetMoeConfig, JetMoeForSequenceClassification
 from jetmoe_ft.assets import load_tokenizer
 from jetmoe_ft.config import RecipeError
-from jetmoe_ft.evaluate import pair_token_ids
-from jetmoe_ft.reward_funcs import build_reward_funcs, parse_reward_funcs
-from jetmoe_ft.rewards import CHECKABLE_REWARDS
+from jetmoe_ft.evaluation.eval_cls import pair_token_ids
+from jetmoe_ft.evaluation.reward_funcs import build_reward_funcs, parse_reward_funcs
+from jetmoe_ft.evaluation.rewards import CHECKABLE_REWARDS
 
 from .conftest import tiny_kwargs
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jetmoe_ft.rewards import (
+from jetmoe_ft.evaluation.rewards import (
     INSTRUCTION_PROMPTS,
     REWARDS,
     Check,

@@ -8,15 +8,15 @@ from datasets import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM
-from jetmoe_ft.plots import plot_expert_load
-from jetmoe_ft.routing import (
+from jetmoe_ft.modeling.routing import (
     KINDS,
-    RoutingHealthCallback,
     RoutingStats,
     attach_routing_hooks,
     find_routers,
+    plot_expert_load,
 )
-from jetmoe_ft.trainers import JetMoeTrainerMixin
+from jetmoe_ft.training.routing_health import RoutingHealthCallback
+from jetmoe_ft.training.trainers import JetMoeTrainerMixin
 
 from .conftest import randomize_biases, tiny_kwargs
 

@@ -11,11 +11,11 @@ from datasets import Dataset
 
 from jetmoe_ft import JetMoeForCausalLM
 from jetmoe_ft.assets import load_tokenizer
-from jetmoe_ft.chat import main as chat_main
 from jetmoe_ft.config import RecipeError
+from jetmoe_ft.evaluation.chat import main as chat_main
 from jetmoe_ft.loading import check_tokenizer
-from jetmoe_ft.runs import last_complete_checkpoint
 from jetmoe_ft.sft import main as sft_main
+from jetmoe_ft.training.runs import last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "tiny" / "sft.yaml")

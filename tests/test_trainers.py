@@ -12,11 +12,12 @@ from trl.experimental.orpo import ORPOConfig
 
 from jetmoe_ft import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
 from jetmoe_ft.assets import load_tokenizer
-from jetmoe_ft.cls import JetMoeClassificationTrainer, JetMoeRewardTrainer
+from jetmoe_ft.cls import JetMoeClassificationTrainer
 from jetmoe_ft.data.unpaired import unpair
 from jetmoe_ft.dpo import JetMoeDPOTrainer
 from jetmoe_ft.kto import JetMoeKTOTrainer
 from jetmoe_ft.orpo import JetMoeORPOTrainer, JetMoeSimPOTrainer
+from jetmoe_ft.rm import JetMoeRewardTrainer
 from jetmoe_ft.sft import JetMoeSFTTrainer
 
 from .conftest import tiny_kwargs

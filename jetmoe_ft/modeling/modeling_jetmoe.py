@@ -117,25 +117,22 @@ def apply_rotary_pos_emb(q, k, cos, sin):
     return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
 
 
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """[batch, kv_heads, seq, dim] -> [batch, kv_heads * n_rep, seq, dim], each kv head repeated in place."""
-    if n_rep == 1:
-        return hidden_states
-    batch, kv_heads, seq_len, dim = hidden_states.shape
-    hidden_states = hidden_states[:, :, None].expand(batch, kv_heads, n_rep, seq_len, dim)
-    return hidden_states.reshape(batch, kv_heads * n_rep, seq_len, dim)
-
-
 def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    key = repeat_kv(key, module.num_key_value_groups)
-    value = repeat_kv(value, module.num_key_value_groups)
+    """Attention that also returns its weights, computed in transformers' head order (slot-major: head
+    (slot, h) attends with kv head h), so the weights returned are the very tensor the output comes from and
+    `.retain_grad()` on them works. The output goes back to our kv-head-major order."""
+    kv_heads, top_k = module.num_key_value_heads, module.top_k
+    query = query.unflatten(1, (kv_heads, top_k)).transpose(1, 2).flatten(1, 2)
+    key, value = key.repeat(1, top_k, 1, 1), value.repeat(1, top_k, 1, 1)
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         attn_weights = attn_weights + attention_mask
     attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
     attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
-    return attn_output, attn_weights
+    attn_output = (
+        torch.matmul(attn_weights, value).unflatten(1, (top_k, kv_heads)).transpose(1, 2).flatten(1, 2)
+    )
+    return attn_output.transpose(1, 2).contiguous(), attn_weights
 
 
 class JetMoeParallelExperts(nn.Module):
@@ -340,8 +337,6 @@ class JetMoeAttention(nn.Module):
         # [b, t, kv_heads * k, d] -> [b, t, k, kv_heads * d], the layout of each attention expert's input.
         attn_output = attn_output.reshape(batch, seq_len, kv_heads, top_k, head_dim).transpose(2, 3)
         attn_output = attn_output.reshape(batch, seq_len, top_k, kv_heads * head_dim)
-        if attn_weights is not None:  # returned heads in transformers' order: slot-major, (slot, h)
-            attn_weights = attn_weights.unflatten(1, (kv_heads, top_k)).transpose(1, 2).flatten(1, 2)
         return self.experts.reduce(attn_output, decision), attn_weights, decision.logits
 
 
@@ -542,6 +537,19 @@ def router_loss_for(config: JetMoeConfig, router_logits, attention_mask) -> torc
     )
 
 
+def add_router_loss(config: JetMoeConfig, loss, router_logits, attention_mask, output_router_logits):
+    """`(loss + aux_loss_coef * aux_loss, aux_loss)` when the head was asked for router logits (its argument, else
+    the config), else `(loss, None)`: a trainer that asks the body alone adds the router loss itself, once."""
+    if output_router_logits is None:
+        output_router_logits = config.output_router_logits
+    if not output_router_logits:
+        return loss, None
+    aux_loss = router_loss_for(config, router_logits, attention_mask)
+    if loss is not None:
+        loss = loss + config.aux_loss_coef * aux_loss.to(loss.device)
+    return loss, aux_loss
+
+
 class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
@@ -568,8 +576,6 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MoeCausalLMOutputWithPast:
         """With labels, `loss = lm_loss + aux_loss_coef * aux_loss` when router logits are requested."""
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -591,11 +597,9 @@ class JetMoeForCausalLM(JetMoePreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
-        aux_loss = None
-        if output_router_logits:
-            aux_loss = router_loss_for(self.config, outputs.router_logits, attention_mask)
-            if loss is not None:
-                loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
+        loss, aux_loss = add_router_loss(
+            self.config, loss, outputs.router_logits, attention_mask, output_router_logits
+        )
 
         return MoeCausalLMOutputWithPast(
             loss=loss,
@@ -643,8 +647,8 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
         output_router_logits: bool | None = None,
         **kwargs,
     ) -> MoeSequenceClassifierOutputWithPast:
-        if output_router_logits is None:
-            output_router_logits = self.config.output_router_logits
+        """Logits at each row's last real token; with labels, the loss plus `aux_loss_coef * aux_loss` when router
+        logits are requested."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -666,11 +670,9 @@ class JetMoeForSequenceClassification(JetMoePreTrainedModel):
             loss = self.loss_function(
                 logits=logits, labels=labels, pooled_logits=pooled_logits, config=self.config
             )
-        aux_loss = None
-        if output_router_logits:
-            aux_loss = router_loss_for(self.config, outputs.router_logits, attention_mask)
-            if loss is not None:
-                loss = loss + self.config.aux_loss_coef * aux_loss.to(loss.device)
+        loss, aux_loss = add_router_loss(
+            self.config, loss, outputs.router_logits, attention_mask, output_router_logits
+        )
 
         return MoeSequenceClassifierOutputWithPast(
             loss=loss,

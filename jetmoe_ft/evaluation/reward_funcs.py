@@ -3,7 +3,7 @@
 ```yaml
 reward_funcs:
   - outputs/tiny-rm                        # a reward head trained here (`jetmoe-ft cls`, num_labels: 1), full or adapter
-  - no_repeated_ngrams                     # a built-in checkable reward (`jetmoe_ft.rewards.CHECKABLE_REWARDS`)
+  - no_repeated_ngrams                     # a built-in checkable reward (`jetmoe_ft.evaluation.rewards.CHECKABLE_REWARDS`)
   - length_in_range: {low: 3, high: 30}    # ... with its arguments
   - my_rewards:brevity                     # a function of yours, `module:function` (arguments: the same mapping form)
 reward_weights: [1.0, 0.5, 0.5, 1.0]      # optional; GRPO sums the weighted rewards
@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithPadding
 
-from .config import RecipeError
-from .evaluate import head_config, load_head, reward_head_config
+from ..config import RecipeError
+from .eval_cls import head_config, load_head, reward_head_config
 from .rewards import CHECKABLE_REWARDS
 
 TRL_REWARD_KWARGS = {

@@ -17,9 +17,8 @@ from datasets import Dataset
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import RecipeError
-from .plots import plot_expert_load
-from .routing import KINDS, RoutingStats, attach_routing_hooks
+from ..config import RecipeError
+from ..modeling.routing import KINDS, RoutingStats, attach_routing_hooks, plot_expert_load
 
 Router = tuple[int, str]
 """(layer, "moa" | "moe")."""

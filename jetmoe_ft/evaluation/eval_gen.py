@@ -4,12 +4,12 @@ jetmoe-ft eval-gen --model DIR [--baseline base | --baseline DIR] [--reward_mode
 
 Prompts are the held-out split of the run's own `DIR/recipe.yaml` (same split and seed: SFT conversations
 without their last assistant turn, DPO pairs' prompts; that turn, or the chosen answer, is the reference),
-plus the embedded instruction prompts (`jetmoe_ft.rewards`). The baseline is the model the run started from
+plus the embedded instruction prompts (`jetmoe_ft.evaluation.rewards`). The baseline is the model the run started from
 (for an adapter, its base with the adapter disabled) or any model directory. Both answer the same prompts
 (greedy unless `--do_sample`); every headline number is fine-tuned vs baseline with a paired-bootstrap 95%
 interval of the difference: loss of the reference answers, reward and win rate (`--reward_model`),
 instruction following (strict, loose), answer statistics. Routing drift compares both models' routers on the
-prompts plus the baseline's answers (`jetmoe_ft.drift`). `--lm_eval_tasks` adds lm-evaluation-harness tasks.
+prompts plus the baseline's answers (`jetmoe_ft.training.drift`). `--lm_eval_tasks` adds lm-evaluation-harness tasks.
 
 Writes `metrics.json`, `generations.jsonl`, `report.md`, `routing_drift.png` and `rewards.png` into
 `--output_dir` (default `DIR/eval-gen`), and prints the table.
@@ -31,11 +31,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..config import RecipeError, read_recipe_file
+from ..data.held_out import eval_source, load_eval_split
+from ..loading import TINY_NAMES, is_adapter_dir, load_tokenizer_named, load_trained_model, resolve_pad_token
+from ..modeling import JetMoeConfig, JetMoeForCausalLM
+from ..training.drift import collect_router_logits, pad_token_ids, routing_drift
+from ..training.runs import run_command
 from . import eval_gen_report as report_files
-from .config import RecipeError, read_recipe_file
-from .data.held_out import eval_source, load_eval_split
-from .drift import collect_router_logits, pad_token_ids, routing_drift
-from .evaluate import load_head, reward_head_config, score_batches
+from .eval_cls import load_head, reward_head_config, score_batches
 from .generation import (
     ANSWER_STATS,
     Answer,
@@ -45,11 +48,8 @@ from .generation import (
     prompt_token_ids,
     reference_token_ids,
 )
-from .loading import TINY_NAMES, is_adapter_dir, load_tokenizer_named, load_trained_model, resolve_pad_token
 from .metrics import CONFIDENCE, bootstrap_intervals, paired_bootstrap
-from .modeling import JetMoeConfig, JetMoeForCausalLM
 from .rewards import INSTRUCTION_PROMPTS, check_answer
-from .runs import run_command
 
 # ---------------------------------------------------------------------------------------------
 # what to compare, checked before any weights load
@@ -76,7 +76,7 @@ def check_language_model(path: Path) -> None:
 def context_length(path: str | Path, seed: int = 0) -> int:
     """The model's `max_position_embeddings`, read from its config (an adapter's: its base's)."""
     if str(path) in TINY_NAMES:
-        from .assets import TINY_CONFIG
+        from ..assets import TINY_CONFIG
 
         return int(TINY_CONFIG["max_position_embeddings"])
     path = Path(path)
@@ -181,7 +181,7 @@ def load_sides(args, baseline: str, seed: int, device) -> tuple[Side, Side]:
     if baseline == "adapter-disabled":
         return Side("baseline", tuned, adapter_disabled=True), Side("fine-tuned", tuned)
     if baseline in TINY_NAMES:
-        from .assets import build_tiny_model
+        from ..assets import build_tiny_model
 
         base = build_tiny_model(seed)
     else:

@@ -17,8 +17,8 @@ import torch
 from transformers import TrainingArguments, set_seed
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .config import Recipe, RecipeError
-from .distributed import (
+from ..config import Recipe, RecipeError
+from ..distributed import (
     LOST_PROCESS_EXIT,
     check_launch,
     is_main_process,
@@ -117,7 +117,7 @@ class RunStart:
 
 def start_run(recipe: Recipe, data) -> RunStart:
     """Before any model loads: seed everything, find the checkpoint to resume, and claim `output_dir` for this
-    run (lock, provenance; `jetmoe_ft.provenance`)."""
+    run (lock, provenance; `jetmoe_ft.training.provenance`)."""
     set_seed(recipe.training.seed)  # the model, its heads, adapters and the expert selection start from here
     resume_from = resume_checkpoint(recipe.training)
     fingerprint = run_fingerprint(recipe, data)
@@ -135,6 +135,27 @@ def train_with_evaluations(trainer, run: RunStart) -> dict[str, Any]:
     train_metrics = trainer.train(resume_from_checkpoint=run.resume_from).metrics
     after = evaluate(trainer, "after")
     return {**train_metrics, **before, **after}
+
+
+def make_trainer(trainer_cls: type, recipe: Recipe, model, data, tokenizer, **kwargs):
+    """The loop's trainer over the recipe's splits: `train`, and `test` for evaluation when there is one."""
+    return trainer_cls(
+        model=model,
+        args=recipe.training,
+        train_dataset=data["train"],
+        eval_dataset=data.get("test"),
+        processing_class=tokenizer,
+        **kwargs,
+    )
+
+
+def before_after(metrics: dict[str, Any], name: str) -> str | None:
+    """`B before -> A after` of the held-out `name` (`eval_before_*`, `eval_after_*` in `metrics`), `A after` when
+    nothing was evaluated before training; None when nothing was evaluated after."""
+    if f"eval_after_{name}" not in metrics:
+        return None
+    before = f"{metrics[f'eval_before_{name}']:.3f} before -> " if f"eval_before_{name}" in metrics else ""
+    return f"{before}{metrics[f'eval_after_{name}']:.3f} after"
 
 
 def trained_line(trainer, metrics: dict[str, Any]) -> str:
@@ -159,6 +180,18 @@ def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], head
         clean = {key: None if _is_non_finite(value) else value for key, value in metrics.items()}
         (output_dir / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
         print("\n" + "\n".join([trained_line(trainer, metrics), *headline, f"Outputs: {output_dir}"]))
+    return output_dir
+
+
+def finish_head_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], headline: list[str]) -> Path:
+    """`finish_run` of a classifier or reward head, plus the base config beside a LoRA adapter (`num_labels`,
+    `id2label`, `pad_token_id`) and the command that evaluates it."""
+    output_dir = finish_run(trainer, recipe, tokenizer, metrics, headline)
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if is_main_process():
+        if hasattr(model, "peft_config"):
+            model.get_base_model().config.save_pretrained(output_dir)
+        print(f"Full evaluation: jetmoe-ft eval-cls --model {output_dir}")
     return output_dir
 
 

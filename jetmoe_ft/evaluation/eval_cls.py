@@ -35,16 +35,18 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 from trl.data_utils import is_conversational
 
-from .config import RecipeError
-from .data.held_out import eval_source, load_eval_split
-from .data.labels import encode_labels
-from .loading import (
+from ..config import RecipeError
+from ..data.held_out import eval_source, load_eval_split
+from ..data.labels import encode_labels
+from ..loading import (
     adapter_has_head,
     is_adapter_dir,
     load_tokenizer_named,
     load_trained_model,
     resolve_pad_token,
 )
+from ..modeling import JetMoeConfig, JetMoeForSequenceClassification
+from ..training.runs import run_command
 from .metrics import (
     CONFIDENCE,
     N_BINS,
@@ -54,9 +56,7 @@ from .metrics import (
     reward_scores,
     with_intervals,
 )
-from .modeling import JetMoeConfig, JetMoeForSequenceClassification
 from .plots import plot_confusion_matrix, plot_reliability
-from .runs import run_command
 
 # ---------------------------------------------------------------------------------------------
 # model, data and predictions

@@ -14,8 +14,25 @@ import copy
 import torch
 from peft import PeftModel
 
-from .config import Recipe
-from .loading import is_adapter_dir
+from ..compat import precompute_ref_logps
+from ..config import Recipe
+from ..loading import is_adapter_dir
+
+
+class StartingModelReference:
+    """Mixed into a trainer with a reference policy (DPO, KTO), before `JetMoeTrainerMixin`: under LoRA the
+    reference is the base model with the adapter disabled (no copy of a fresh adapter), and reference
+    log-probabilities precomputed by TRL come from our LM head."""
+
+    def __init__(self, model, *args, **kwargs):
+        trainable = trainable_flags(model)
+        super().__init__(model, *args, **kwargs)
+        drop_fresh_reference_adapter(self.model, trainable)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        # TRL precomputes inside its __init__, after adding its fused heads: the reference must see ours.
+        self.install_lm_heads()
+        return precompute_ref_logps(StartingModelReference, self, dataset, name, batch_size)
 
 
 def reference_model(recipe: Recipe, model: torch.nn.Module) -> torch.nn.Module | None:

@@ -6,8 +6,8 @@ import sys
 import torch
 from transformers import AutoTokenizer
 
-from .config import RecipeError
-from .loading import load_trained_model
+from ..config import RecipeError
+from ..loading import load_trained_model
 
 
 def load_chat_model(model_dir: str):

@@ -185,36 +185,6 @@ def _valid_rows_logps(
     return valid, *outputs
 
 
-def per_token_logps(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """log p(target | hidden) under `hidden @ weight.T (+ bias)`, fp32, shaped like `targets`, 0 where -100.
-
-    `hidden` [..., H] are the positions to score, already aligned with `targets` [...] (shifted by the
-    caller); `weight` [V, H] is `lm_head.weight`. Differentiable in hidden, weight and bias; what DPO, KTO and
-    ORPO sum per sequence.
-    """
-    return score_tokens(hidden, weight, targets, chunk_size, bias, statistics=False).log_probs
-
-
-@dataclass
-class LMHeadLoss:
-    """The next-token loss and, when asked for, TRL SFT's token metrics from the same chunks (no gradient).
-
-    `num_tokens` counts the scored (non-ignored) tokens; `correct` those whose argmax is the target;
-    `entropy_sum` sums their predictive entropies. The metrics are None unless `metrics=True`.
-    """
-
-    loss: torch.Tensor
-    num_tokens: torch.Tensor
-    correct: torch.Tensor | None = None
-    entropy_sum: torch.Tensor | None = None
-
-
 def causal_lm_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -243,6 +213,20 @@ def causal_lm_loss(
     if not metrics:
         return LMHeadLoss(loss, num_tokens)
     return LMHeadLoss(loss, num_tokens, correct.sum(), entropy.sum())
+
+
+@dataclass
+class LMHeadLoss:
+    """The next-token loss and, when asked for, TRL SFT's token metrics from the same chunks (no gradient).
+
+    `num_tokens` counts the scored (non-ignored) tokens; `correct` those whose argmax is the target;
+    `entropy_sum` sums their predictive entropies. The metrics are None unless `metrics=True`.
+    """
+
+    loss: torch.Tensor
+    num_tokens: torch.Tensor
+    correct: torch.Tensor | None = None
+    entropy_sum: torch.Tensor | None = None
 
 
 @dataclass

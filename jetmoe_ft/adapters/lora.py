@@ -23,9 +23,9 @@ from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from .compat import register_custom_lora_module
-from .modeling.experts import Routing, compute_dtype, grouped_mm_supported, resolve_backend
-from .modeling.modeling_jetmoe import JetMoeParallelExperts
+from ..compat import register_custom_lora_module
+from ..modeling.experts import Routing, compute_dtype, grouped_mm_supported, resolve_backend
+from ..modeling.modeling_jetmoe import JetMoeParallelExperts
 
 MOA_EXPERTS = ("self_attention.experts.input_linear", "self_attention.experts.output_linear")
 MOE_EXPERTS = ("mlp.input_linear", "mlp.output_linear")

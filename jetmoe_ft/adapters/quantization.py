@@ -8,7 +8,7 @@ quantized on its own (so it can be dequantized alone), and dequantized inside th
 at a time by the loop backend and for the few unsorted rows of decoding, the whole layer at once for
 `grouped_mm` — in the forward and again in the backward, so no 16-bit copy of a frozen expert outlives its
 matmul. Routers, norms, biases and the head stay in 16 bits (they are small). Expert LoRA
-(`jetmoe_ft.lora`) adds its trainable factors on top.
+(`jetmoe_ft.adapters.lora`) adds its trainable factors on top.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .compat import grouped_mm
-from .modeling.experts import Routing, grouped_mm_supported
-from .modeling.modeling_jetmoe import JetMoeParallelExperts
+from ..compat import grouped_mm
+from ..modeling.experts import Routing, grouped_mm_supported
+from ..modeling.modeling_jetmoe import JetMoeParallelExperts
 
 QUANT_TYPES = ("nf4", "fp4")
 DENSE_TARGETS = ("kv_proj",)

@@ -12,9 +12,9 @@ and owns, for every loop:
   Mixtral's form through `router_aux_loss_coef`) is switched off.
 - **its logging** as `aux_loss` (the mean since the last log, over processes), and the routing health per
   layer and router (`routing/layer{i}.{moa,moe}.entropy`, `.load_max`, ...) with the drift from the start
-  model on a fixed probe batch (`.topk_kept`, `.kl`; `jetmoe_ft.drift`) through `log`, so the values reach
+  model on a fixed probe batch (`.topk_kept`, `.kl`; `jetmoe_ft.training.drift`) through `log`, so the values reach
   `log_history`, the console and every reporter;
-- **the LM head** of TRL's loops (`jetmoe_ft.lm_head`), on the policy and a separate reference;
+- **the LM head** of TRL's loops (`jetmoe_ft.modeling.lm_head`), on the policy and a separate reference;
 - **the non-finite guard**: a NaN / Inf loss or gradient stops training before the optimizer step, so the weights
   stay the last finite ones (`NonFiniteTrainingError`, exit status 3, recorded in `metrics.json`); with
   `nonfinite_skip_steps: N` up to N such steps are skipped instead (their gradients dropped);
@@ -33,14 +33,14 @@ import torch.distributed as dist
 from torch import nn
 from transformers import TrainerCallback
 
-from .compat import in_backward, trl_metrics
-from .distributed import is_main_process, let_training_wrap_the_model
+from ..compat import in_backward, trl_metrics
+from ..distributed import is_main_process, let_training_wrap_the_model
+from ..modeling import JetMoeForCausalLM, JetMoeModel
+from ..modeling.lm_head import install_lm_head
+from ..modeling.lm_head_loss import DEFAULT_CHUNK_SIZE
+from ..modeling.modeling_jetmoe import router_loss_for
 from .drift import RoutingDriftProbe, probe_token_ids
-from .lm_head import install_lm_head
-from .lm_head_loss import DEFAULT_CHUNK_SIZE
-from .modeling import JetMoeForCausalLM, JetMoeModel
-from .modeling.modeling_jetmoe import router_loss_for
-from .routing import RoutingHealthCallback
+from .routing_health import RoutingHealthCallback
 
 
 class RouterLossRecorder:

@@ -6,7 +6,7 @@ precision, or weights that moved in between), and then the training gradient is 
 sampled. `RolloutRouting` records each router's top-k experts for every completion token while `generate` runs
 (the forward that reads the token, with the cache), records them again in the training forward, and counts the
 (token, router) pairs whose top-k sets are equal: `routing/rollout_match` (all routers) and
-`routing/rollout_match.moa` / `.moe` (per router kind, `jetmoe_ft.routing.KINDS`), 1.0 when they always agree.
+`routing/rollout_match.moa` / `.moe` (per router kind, `jetmoe_ft.modeling.routing.KINDS`), 1.0 when they always agree.
 
 The last completion token is never read by a generation forward, so it is not compared.
 """
@@ -18,9 +18,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .compat import in_backward
-from .modeling import JetMoeModel
-from .routing import KINDS, LOG_PREFIX, find_routers
+from ..compat import in_backward
+from ..modeling import JetMoeModel
+from ..modeling.routing import KINDS, LOG_PREFIX, find_routers
 
 UNSET = -1
 """Expert index of a completion position without a generation-time record."""

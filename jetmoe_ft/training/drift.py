@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .routing import KINDS, LOG_PREFIX, find_routers
+from ..modeling.routing import KINDS, LOG_PREFIX, find_routers
 
 RouterKey = tuple[int, str]
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .config import Recipe, RecipeError
-from .distributed import is_main_process
+from ..config import Recipe, RecipeError
+from ..distributed import is_main_process
 
 FINGERPRINT_FILE = "run.json"
 LOCK_FILE = ".jetmoe-ft.lock"

@@ -1,39 +1,27 @@
 """Router statistics: which experts each MoA / MoE router picks, and how sure it is.
-(Just over 400 lines because the statistics, their hooks and the callback that logs them read together.)
 
 `RoutingStats` sums, per router (layer x {moa, moe}), the top-k selections per expert, the full-softmax
 probability mass per expert, the router entropy and the tokens seen. `attach_routing_hooks` fills it from
 forward hooks on every `JetMoeTopKGating`, so any forward pass (training, evaluation, a pass over a data
-set to select experts ESFT-style) can be measured. `RoutingHealthCallback` logs it during training and
-writes `routing.json` and the heat-map `routing_load.png` at the end.
-
-The trainer layer (`jetmoe_ft.trainers`) adds the values to `logs` in its `log`, before `Trainer.log` copies
-them into `log_history` and hands them to the reporting callbacks (TensorBoard, W&B, ...). A callback added
-only through `callbacks=[...]` falls back to `on_log`: it adds the values to `logs` and to the `log_history`
-entry just appended for those logs, but the reporters have already run.
+set to select experts ESFT-style) can be measured; `plot_expert_load` draws a [L, 2, E] load as a heat-map.
+The training callback that logs these values is `jetmoe_ft.training.routing_health`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
-from transformers.utils import logging
 
-from .compat import in_backward
-from .distributed import is_main_process
-from .modeling.modeling_jetmoe import JetMoeTopKGating
-from .plots import plot_expert_load
-
-logger = logging.get_logger(__name__)
+from ..compat import in_backward
+from .modeling_jetmoe import JetMoeTopKGating
 
 KINDS = ("moa", "moe")
 """Router kinds, in the order of the second axis of every `[L, 2, ...]` tensor."""
@@ -307,100 +295,56 @@ def _router_hook(hooks: RoutingHooks, layer: int, kind: str, training_only: bool
     return hook
 
 
-class RoutingHealthCallback(TrainerCallback):
-    """Logs router entropy and expert load every logging step; writes `routing.json` and
-    `routing_load.png` into `output_dir` at the end. The trainer layer installs it so the values
-    reach `log_history` *and* the reporting integrations (see the module docstring).
-    """
+def plot_expert_load(
+    load: torch.Tensor | np.ndarray,
+    path: str | Path,
+    title: str | None = None,
+    marked: torch.Tensor | np.ndarray | None = None,
+) -> Path:
+    """Heat-map of a [L, 2, E] expert load (share of tokens): MoA and MoE panels, layers x experts.
+    Cells where the boolean [L, 2, E] `marked` is true get a red frame."""
+    from matplotlib.figure import Figure  # a bare Figure renders with Agg; no pyplot, no global backend
+    from matplotlib.patches import Rectangle
+    from matplotlib.ticker import PercentFormatter
 
-    def __init__(self, per_expert: bool = True):
-        self.per_expert = per_expert
-        self.window: RoutingStats | None = None
-        self.total: RoutingStats | None = None
-        self.history: list[dict[str, Any]] = []
-        self.hooks: RoutingHooks | None = None
-        self.wraps_trainer_log = False
+    load = np.asarray(load.detach().cpu() if isinstance(load, torch.Tensor) else load, dtype=float)
+    num_layers, _, num_experts = load.shape
+    vmax = max(float(load.max()), 1e-9)
+    size = (min(2.0 + 1.1 * num_experts, 24.0), min(1.2 + 0.45 * num_layers, 16.0))
+    fig = Figure(figsize=size, layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    for k, (ax, name) in enumerate(zip(axes, ("MoA (attention experts)", "MoE (MLP experts)"), strict=True)):
+        image = ax.imshow(load[:, k], cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+        _annotate(ax, load[:, k], vmax)
+        if marked is not None:
+            for row, col in np.argwhere(np.asarray(marked)[:, k]):
+                ax.add_patch(
+                    Rectangle((col - 0.5, row - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
+                )
+        ax.set_title(name)
+        ax.set_xlabel("expert")
+        ax.set_xticks(range(num_experts))
+        ax.set_yticks(range(num_layers))
+    axes[0].set_ylabel("layer")
+    fig.colorbar(image, ax=list(axes), label="share of tokens (%)", format=PercentFormatter(1.0, decimals=0))
+    fig.suptitle(title or f"Expert load (uniform = {1 / num_experts:.1%})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._detach()
-        self.window = RoutingStats.for_model(model)
-        self.total = RoutingStats.for_model(model)
-        self.history = []
-        self.hooks = attach_routing_hooks(model, self.window, training_only=True)
-        if args.report_to and not self.wraps_trainer_log:
-            logger.warning(
-                "Routing values reach log_history but not report_to; mix jetmoe_ft.trainers.JetMoeTrainerMixin in."
-            )
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if self.wraps_trainer_log or logs is None:
-            return
-        entry = state.log_history[-1] if state.log_history else None
-        # Trainer.log appended {**logs, "step"} just before calling on_log: complete that entry too.
-        same_entry = (
-            entry is not None
-            and entry.get("step") == state.global_step
-            and entry.keys() - {"step"} == logs.keys()
-        )
-        values = self.add_to_logs(logs, state.global_step)
-        if same_entry:
-            entry.update(values)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if self.window is None:
-            return
-        self._take_window(state.global_step, record=False)
-        if is_main_process():
-            self.write_report(args.output_dir, state.global_step)
-        self._detach()
-
-    def add_to_logs(self, logs: dict[str, float], step: int) -> dict[str, float]:
-        """Add the current window's values to `logs` and start a new window; returns what was added.
-
-        A collective under multi-process training (every rank logs the same steps). Evaluation logs
-        and empty windows get nothing.
-        """
-        if self.window is None or any(key.startswith("eval_") for key in logs):
-            return {}
-        window = self._take_window(step, record=True)
-        values = window.log_values(self.per_expert) if window is not None else {}
-        logs.update(values)
-        return values
-
-    def write_report(self, output_dir: str | Path, step: int) -> None:
-        """`routing.json` (history and run totals) and the heat-map `routing_load.png`."""
-        output_dir = Path(output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        report = {"global_step": step, "total": self.total.to_dict(), "history": self.history}
-        (output_dir / "routing.json").write_text(json.dumps(report, indent=1))
-        tokens = int(self.total.tokens.max())
-        plot_expert_load(
-            self.total.expert_load(), output_dir / "routing_load.png", f"Expert load, {tokens:,} tokens"
-        )
-
-    def _take_window(self, step: int, record: bool) -> RoutingStats | None:
-        """Reduce the window over processes, add it to the totals and reset it; None when it was empty."""
-        window = self.window.all_reduce_()
-        if not bool(window.tokens.sum() > 0):
-            return None
-        snapshot = RoutingStats(window.num_layers, window.num_experts).add_(window)
-        self.total.add_(window)
-        if record:
-            self.history.append({"step": step, **snapshot.to_dict()})
-        window.reset()
-        return snapshot
-
-    def _detach(self) -> None:
-        # Without a window, later logs (e.g. a manual trainer.log on one rank) start no collective.
-        self.window = None
-        if self.hooks is not None:
-            self.hooks.remove()
-            self.hooks = None
+def _annotate(ax, shares: np.ndarray, vmax: float) -> None:
+    """Write each cell's share in percent, dark on light cells; skipped when cells get too small."""
+    if shares.size > 512:
+        return
+    for (row, col), share in np.ndenumerate(shares):
+        colour = "black" if share > 0.6 * vmax else "white"
+        ax.text(col, row, f"{100 * share:.0f}", ha="center", va="center", fontsize=7, color=colour)
 
 
 __all__ = [
     "KINDS",
-    "RoutingHealthCallback",
     "RoutingHooks",
     "RoutingStats",
     "attach_routing_hooks",

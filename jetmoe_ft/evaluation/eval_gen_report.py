@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .drift import RoutingDrift, plot_drift
-from .routing import KINDS
+from ..modeling.routing import KINDS
+from ..training.drift import RoutingDrift, plot_drift
 
 TITLES = {
     "reference_nll": "reference answer loss (nats/token)",

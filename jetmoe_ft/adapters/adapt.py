@@ -15,12 +15,12 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from torch import nn
 
-from .config import Recipe, RecipeError
-from .distributed import is_main_process
+from ..config import Recipe, RecipeError
+from ..distributed import is_main_process
+from ..modeling.modeling_jetmoe import JetMoeParallelExperts
+from ..modeling.routing import KINDS, router_of
 from .freezing import freeze_routers, frozen_router_names, restrict_expert_updates
 from .lora import TARGET_SUFFIXES, WHOLE_MODULES, ExpertLoraLayer, register_expert_lora
-from .modeling.modeling_jetmoe import JetMoeParallelExperts
-from .routing import KINDS, router_of
 from .selection import ExpertSelection, experts_per_router, sample_texts, select_experts
 
 DEFAULT_LORA_TARGETS = ("moa_experts", "moe_experts", "kv_proj")
@@ -40,7 +40,7 @@ def adapt_model(
     """Apply the recipe's LoRA / expert / router choices to `model`; returns the model to train."""
     adapters, training = recipe.adapters, recipe.training
     use_lora = recipe.uses_lora
-    _check_choices(recipe, use_lora)
+    check_adapter_choices(recipe, use_lora)
     frozen = "none" if "router" in (adapters.lora_targets or ()) else adapters.frozen_routers(use_lora)
 
     selection = None
@@ -84,7 +84,7 @@ def adapt_model(
     return model
 
 
-def _check_choices(recipe: Recipe, use_lora: bool) -> None:
+def check_adapter_choices(recipe: Recipe, use_lora: bool) -> None:
     """Contradictions between fields, caught before any model work."""
     adapters = recipe.adapters
     if use_lora and adapters.finetune_experts is not None:

@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .modeling.modeling_jetmoe import JetMoeMoA, JetMoeMoE, JetMoeParallelExperts, JetMoeTopKGating
+from ..modeling.modeling_jetmoe import JetMoeMoA, JetMoeMoE, JetMoeParallelExperts, JetMoeTopKGating
 
 ROUTER_BLOCKS = {"all": (JetMoeMoA, JetMoeMoE), "moa": (JetMoeMoA,), "moe": (JetMoeMoE,), "none": ()}
 

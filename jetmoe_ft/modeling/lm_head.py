@@ -4,9 +4,9 @@ TRL 1.16's SFT, DPO, KTO and GRPO trainers add a fused LM head to the model (`tr
 and call `model(..., labels=labels, fused_lm_head=True)` for per-token log-probabilities. Its kernel has no fast CPU
 path (docs/dpo.md) and adds Mixtral's load-balancing loss, not JetMoE's. `install_lm_head` wraps that forward so
 those calls run the backbone once and score only the positions whose label is not -100 with our chunked head
-(`jetmoe_ft.lm_head_loss`: no `[tokens, vocab]` tensor is kept; `chunked_lm_head: false` builds the logits),
+(`jetmoe_ft.modeling.lm_head_loss`: no `[tokens, vocab]` tensor is kept; `chunked_lm_head: false` builds the logits),
 returning what TRL's head returns (`FusedCausalLMOutput`, without `aux_loss`: the router loss is added by the
-trainer layer, `jetmoe_ft.trainers`). Calls without `fused_lm_head` (generation, plain forwards) are unchanged.
+trainer layer, `jetmoe_ft.training.trainers`). Calls without `fused_lm_head` (generation, plain forwards) are unchanged.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def install_lm_head(
 
     `reference`: `causal_lm` is a separate frozen reference model, whose passes need log-probabilities only.
     `temperature` divides the logits, as TRL's head does for GRPO's sampling temperature. `chunk_size`: tokens per
-    chunk of the chunked head (`jetmoe_ft.lm_head_loss`), None for plain logits of the scored positions.
+    chunk of the chunked head (`jetmoe_ft.modeling.lm_head_loss`), None for plain logits of the scored positions.
     `same_gradient_per_token`: the loop's loss is a mean over tokens (SFT), so the chunked head computes its
     gradients in the forward. A pass without gradients in training mode is a reference pass of the policy (PEFT:
     adapter disabled); it runs in evaluation mode, like a separate reference model, so routing statistics

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .config import Recipe
+from ..config import Recipe
 
 LOOPS = {
     "SFTConfig": "sft",

@@ -5,7 +5,7 @@
 is the `lm_eval` command with this model registered. lm-eval 0.4.13 (the pinned release) has no plugin
 discovery: a third-party model is known only once its module is imported, so the bare `lm_eval` command cannot
 find it (upstream issues #1621, #3282; the entry-point plugin mechanism was merged after 0.4.13). `import
-jetmoe_ft.lm_eval_model` registers it for `lm_eval.simple_evaluate` too. `DIR` is anything a training run
+jetmoe_ft.evaluation.lm_eval_model` registers it for `lm_eval.simple_evaluate` too. `DIR` is anything a training run
 wrote: an adapter loads on its base and is merged. `jetmoe-ft eval-gen --lm_eval_tasks` runs tasks on the
 fine-tuned model and its baseline. Needs the `eval` extra (`pip install -e ".[eval]"`).
 """
@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .config import RecipeError
+from ..config import RecipeError
 
 try:
     from lm_eval.api.registry import register_model
@@ -29,8 +29,8 @@ except ImportError as error:  # the optional `eval` extra
         'lm-evaluation-harness is not installed: pip install -e ".[eval]"', name="lm_eval"
     ) from error
 
-from .loading import load_tokenizer_named, load_trained_model, resolve_pad_token
-from .modeling import JetMoeForCausalLM
+from ..loading import load_tokenizer_named, load_trained_model, resolve_pad_token
+from ..modeling import JetMoeForCausalLM
 
 
 @register_model("jetmoe-ft", "jetmoe_ft")
