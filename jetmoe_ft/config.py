@@ -304,6 +304,14 @@ def parse_recipe(training_cls: type, argv: list[str] | None = None, task_cls: ty
         raise RecipeError(
             "Set the router loss weight once: `aux_loss_coef` or `router_aux_loss_coef`, not both."
         )
+    if getattr(
+        training, "push_to_hub", False
+    ):  # the Trainer would push from save_model, before our files, unchecked
+        raise RecipeError(
+            "push_to_hub: the Trainer would upload from inside save_model, before the run's card, recipe.yaml and "
+            "metrics.json exist, and unchecked; set `push_to_hub: false` and publish the finished run with "
+            "`jetmoe-ft export --model OUTPUT_DIR --output DIR --push_to_hub REPO_ID`."
+        )
     recipe = Recipe(
         data, training, model, jetmoe, adapters, task[0] if task else None, path=path, values=values
     )
