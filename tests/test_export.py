@@ -19,7 +19,7 @@ from trl import SFTConfig
 from jetmoe_ft.adapters.adapt import adapt_model
 from jetmoe_ft.assets import build_tiny_model, load_tokenizer
 from jetmoe_ft.cls import ClsArguments
-from jetmoe_ft.config import parse_recipe
+from jetmoe_ft.config import RecipeError, parse_recipe
 from jetmoe_ft.export import peft_format, pipeline
 from jetmoe_ft.export.checks import ExportRefused, FreshProcess
 from jetmoe_ft.export.command import cli
@@ -62,7 +62,8 @@ def _save_run(root, name, values, *, cls=None, task=None, perturb="lora_B"):
     generator = torch.Generator().manual_seed(len(name))
     with torch.no_grad():
         for parameter_name, parameter in model.named_parameters():
-            if perturb in parameter_name or (perturb == "experts" and "_linear" in parameter_name):
+            expert = parameter_name.endswith(("input_linear.weight", "output_linear.weight"))
+            if (perturb == "lora_B" and "lora_B" in parameter_name) or (perturb == "experts" and expert):
                 parameter.add_(
                     torch.randn(parameter.shape, generator=generator) * (0.2 if perturb == "lora_B" else 0.05)
                 )
@@ -240,7 +241,7 @@ def test_broken_merge_is_refused_by_check_2(runs, fresh, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(pipeline.merge, "write_model", broken_write)
     with pytest.raises(
-        ExportRefused, match=r"check 2 tensors: model.layers.1.mlp.input_linear.weight\[expert 0\]"
+        ExportRefused, match=r"check 2 tensors: model.layers.1.mlp.input_linear.weight\[expert [01]\]"
     ):
         pipeline.export_run(runs["adapter"], tmp_path / "out", dtype="fp32", fresh=fresh)
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
@@ -282,9 +283,9 @@ def test_an_adapter_that_changes_nothing_is_refused_by_check_1(runs, fresh, tmp_
 
 def _one_line_exit_2(capsys, argv):
     assert cli(argv) == 2
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("error: ") and "\n" not in error
-    return error
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1  # one line (transformers' progress bars aside)
+    return lines[0]
 
 
 def test_bad_inputs_are_one_line_exit_2(runs, tmp_path, capsys):
@@ -360,8 +361,9 @@ def test_push_to_hub_offline_fails_after_the_checks_naming_the_repo(
     code = cli(
         ["--model", str(runs["adapter"]), "--output", str(out), "--push_to_hub", "someone/tiny-export"]
     )
-    error = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in error
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1
+    error = errors[0]
     assert "could not upload to someone/tiny-export" in error and "nothing was sent" in error
     assert (out / "export.json").is_file()  # the checks passed first: the verified export stays
 
@@ -413,3 +415,14 @@ def test_transformers_serve_answers_like_our_greedy_generation(exports):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_push_to_hub_in_a_training_recipe_points_at_export(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "model_name_or_path: jetmoe-ft/tiny\ndataset_name: chatterbot\nbf16: false\npush_to_hub: true\n"
+    )
+    with pytest.raises(
+        RecipeError, match=r"^push_to_hub: .*jetmoe-ft export --model OUTPUT_DIR --output DIR --push_to_hub"
+    ):
+        parse_recipe(SFTConfig, ["--config", str(recipe), "--output_dir", str(tmp_path / "o")])

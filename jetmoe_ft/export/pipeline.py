@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import AutoTokenizer
 
@@ -123,8 +123,10 @@ def export_run(
         if output.exists():
             output.rmdir()  # empty (check_output): the rename needs the name free
         staging.rename(output)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, SafetensorError) and "I/O error" not in str(error):
+            raise
         raise RecipeError(write_failure(error, output)) from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -501,10 +503,17 @@ def versions() -> dict[str, str]:
     return found
 
 
-def write_failure(error: OSError, output: Path) -> str:
-    if error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-        return f"--output: no space left to write the export to {output.parent} ({error.strerror}); nothing was written."
-    return f"--output: cannot write the export to {output} ({error.strerror or error}); nothing was written."
+def write_failure(error: Exception, output: Path) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        reason in text for reason in ("No space left", "File too large", "Disk quota")
+    ):
+        reason = getattr(error, "strerror", None) or text.split("I/O error: ")[-1].split(" (os error")[0]
+        return (
+            f"--output: no space left to write the export to {output.parent} ({reason}); nothing was written."
+        )
+    reason = getattr(error, "strerror", None) or text.splitlines()[0][:200]
+    return f"--output: cannot write the export to {output} ({reason}); nothing was written."
 
 
 def summary_line(info: dict[str, Any], output: Path) -> str:

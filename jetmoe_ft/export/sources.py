@@ -113,6 +113,7 @@ def read_source(model: str | Path) -> Source:
     if adapter:
         adapter_config = json.loads((path / "adapter_config.json").read_text())
         base = adapter_config.get("base_model_name_or_path") or ""
+        check_base_exists(base, path)
         task = "sequence_classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal_lm"
         if task == "sequence_classification" and not adapter_has_head(path):
             raise RecipeError(f"--model: the classifier adapter in {path} has no `score` head saved with it.")
@@ -124,19 +125,23 @@ def read_source(model: str | Path) -> Source:
         adapter_config = None
         config = read_config_file(path, "--model")
         base = str(recipe.get("model_name_or_path") or "")
+        check_base_exists(base, path)
         task = (
             "sequence_classification"
             if any("SequenceClassification" in name for name in config.architectures or [])
             else "causal_lm"
         )
         kind = "full"
+    return Source(path, kind, task, config, base, recipe, adapter_config)
+
+
+def check_base_exists(base: str, path: Path) -> None:
     if not base:
         raise RecipeError(f"--model: {path} does not say which model it started from (model_name_or_path).")
     if base not in TINY_NAMES and not Path(base).expanduser().exists() and Path(base).is_absolute():
         raise RecipeError(
             f"--model: the base {base} of {path} cannot be found; put it back there (the export compares against it)."
         )
-    return Source(path, kind, task, config, base, recipe, adapter_config)
 
 
 def _adapter_config(path: Path, base: str, task: str) -> JetMoeConfig:
