@@ -112,7 +112,7 @@ def run_probes(model, rows: list[dict], task: str, generate: bool) -> dict:
             routed = model(input_ids=row["routed_ids"][None], output_router_logits=True)
         if generate:
             compare_greedy(routed.logits[0].float(), row, greedy, index)
-        agreement = router_agreement(routed.router_logits, row["topk"])
+        agreement = router_agreement(routed.router_logits, row)
         agreements = (
             agreement
             if agreements is None
@@ -152,13 +152,26 @@ def compare_greedy(logits: torch.Tensor, row: dict, greedy: dict, index: int) ->
             )
 
 
-def router_agreement(router_logits, reference: torch.Tensor) -> list[tuple[int, int]]:
-    """(same, total) top-k sets per router; `reference` [routers, tokens, k]."""
+def router_agreement(router_logits, row: dict) -> list[tuple[int, int]]:
+    """(same, total) top-k sets per router on the probe's tokens. A token whose top-k differs counts as the same
+    when the run's own margin between its k-th and (k+1)-th expert is within twice this router's logit error: a
+    tie that rounding decides (bf16), not another routing."""
+    reference, reference_logits = (
+        row["topk"],
+        row["router_logits"],
+    )  # [routers, tokens, k], [routers, tokens, E]
     k = reference.shape[-1]
     result = []
     for router, logits in enumerate(router_logits):
-        chosen = logits.float().topk(k, dim=-1).indices.sort(-1).values
+        logits = logits.float()
+        chosen = logits.topk(k, dim=-1).indices.sort(-1).values
         same = (chosen == reference[router].sort(-1).values).all(-1)
+        ours = reference_logits[router]
+        error = (logits - ours).abs().max().item()
+        if k < ours.shape[-1]:
+            top = ours.topk(k + 1, dim=-1).values
+            tie = (top[:, k - 1] - top[:, k]) <= 2 * error
+            same = same | tie
         result.append((int(same.sum()), int(same.numel())))
     return result
 

@@ -300,6 +300,7 @@ def write_probe(model, probes: list[dict], path: Path, source: Source) -> dict[s
         if source.task == "causal_lm":
             tensors[f"{index}/routed_logits"] = routed_output.logits[0].float().contiguous()
         tensors[f"{index}/topk"] = torch.stack([r.float().topk(k, dim=-1).indices for r in router_logits])
+        tensors[f"{index}/router_logits"] = torch.stack([r.float() for r in router_logits]).contiguous()
     save_file(tensors, str(path))
     return reference
 
