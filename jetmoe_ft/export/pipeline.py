@@ -28,7 +28,7 @@ from ..loading import TINY_NAMES, is_adapter_dir
 from ..training.model_card import LOOPS
 from . import card, checks, merge, peft_format, publish
 from .checks import FreshProcess
-from .sources import Source, load_base_model, load_run_model, quantized_model, read_source
+from .sources import Source, dequantized_base, load_base_model, load_run_model, quantized_model, read_source
 
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32"}
 PROBE_MESSAGES = (
@@ -83,6 +83,8 @@ def export_run(
             run_model.score.weight, base_model.score.weight
         )
     checks.check_fine_tune(check_list, source, run_fp32, run_in_dtype, base_fp32, dtype, head_moved)
+    if source.kind == "qlora":  # QLoRA trained on the dequantized 4-bit base: that is what it did not change
+        base_model = dequantized_base(source)
     base_state = {name: tensor.detach() for name, tensor in base_model.state_dict().items()}
     if getattr(base_model.config, "tie_word_embeddings", False):
         base_state.pop("lm_head.weight", None)
