@@ -107,7 +107,8 @@ def grouped_mm(rows: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> 
 
 def in_backward() -> bool:
     """Whether autograd is running a backward pass: gradient checkpointing replays forwards there."""
-    return torch._C._current_graph_task_id() != -1
+    # A compiled forward (decoding) never runs inside backward, and dynamo cannot trace the query.
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
 def parser_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

@@ -1,4 +1,7 @@
-"""Decoding: the per-call dispatch of the `auto` backend, static cache, torch.compile, batched generation."""
+"""Decoding: the per-call dispatch of the `auto` backend, static cache, torch.compile, batched generation,
+compiled decoding (`CompiledDecoding`) and its fallback."""
+
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -169,3 +172,113 @@ def test_4bit_experts_go_through_the_unsorted_rows():
         )
     assert grouped and not any(grouped)
     torch.testing.assert_close(got, expected)
+
+
+def _prompts(lengths: list[int], seed: int) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (length,), generator=generator).tolist() for length in lengths]
+
+
+def test_compiled_decoding_generates_the_eager_tokens_and_compiles_once():
+    """`CompiledDecoding` (static cache, fullgraph-compiled decode steps, eager prefill) gives the eager greedy
+    tokens in fp32, with left padding, in training mode as GRPO generates; prompts of other widths (one cache
+    length) reuse the one graph. Dynamo's `eager` backend keeps the test fast; `make bench-grpo` runs inductor."""
+    from torch._dynamo.utils import counters
+
+    from jetmoe_ft.assets import load_tokenizer
+    from jetmoe_ft.evaluation.generation import CompiledDecoding, generate_answers
+
+    torch._dynamo.reset()
+    counters.clear()
+    model, tokenizer = _model(vocab_size=32000).train(), load_tokenizer()
+    decoding = CompiledDecoding(model, backend="eager")
+    for seed, lengths in enumerate(([5, 9, 7], [12, 3, 8])):
+        prompts = _prompts(lengths, seed)
+        eager = generate_answers(model, tokenizer, prompts, max_new_tokens=8, batch_size=3)
+        compiled = generate_answers(
+            model, tokenizer, prompts, max_new_tokens=8, batch_size=3, decoding=decoding
+        )
+        assert [a[0].token_ids for a in compiled] == [a[0].token_ids for a in eager]
+    assert decoding.failed is None and counters["stats"]["unique_graphs"] == 1
+    assert model.training and model.forward == model.__class__.forward.__get__(model)  # restored
+
+
+def test_compiled_decoding_falls_back_to_eager_with_one_line(capsys):
+    from jetmoe_ft.evaluation.generation import CompiledDecoding
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    model = _model()
+    ids, mask = _left_padded([6, 4], seed=7)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=5, min_new_tokens=5, **GREEDY)
+    want = model.generate(**kwargs)
+    decoding = CompiledDecoding(model, backend=failing_backend)
+    for _ in range(2):
+        with decoding.active():
+            got = model.generate(**kwargs, **decoding.generate_kwargs(ids.shape[1], 5))
+        assert torch.equal(got, want)
+    lines = [line for line in capsys.readouterr().out.splitlines() if "Compiled decoding" in line]
+    assert len(lines) == 1 and "no compiler here" in lines[0] and lines[0].endswith("decoding eagerly.")
+    assert decoding.generate_kwargs(6, 5) == {"cache_implementation": None}
+
+
+def test_rollout_routing_records_compiled_decoding_as_eager():
+    """The rollout record (experts of every router, sampled tokens' log-probs) is read from the causal LM's
+    outputs by hooks around the compiled forward: the same under compiled decoding as eager."""
+    from jetmoe_ft.evaluation.generation import CompiledDecoding
+    from jetmoe_ft.training.rollout_routing import RolloutRouting
+
+    torch._dynamo.reset()
+    model = _model().train()
+    routing, decoding = RolloutRouting(model), CompiledDecoding(model, backend="eager")
+    ids, mask = _left_padded([7, 4, 6], seed=8)
+    kwargs = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, **GREEDY)
+    records = []
+    for fast in (False, True):
+        with torch.no_grad(), routing.generation(), decoding.active() if fast else nullcontext():
+            extra = decoding.generate_kwargs(ids.shape[1], 6) if fast else {}
+            out = model.generate(**kwargs, **extra)
+        records.append(routing.take_generation(out[:, ids.shape[1] :].tolist(), pad_id=0))
+    assert decoding.failed is None
+    assert torch.equal(records[0]["rollout_experts"], records[1]["rollout_experts"])
+    torch.testing.assert_close(records[0]["rollout_log_probs"], records[1]["rollout_log_probs"])
+
+
+def test_chat_and_eval_gen_compile_flags_answer_as_eager(tmp_path, monkeypatch, capsys):
+    """`--compile` in `jetmoe-ft chat` and `eval-gen` decodes through `CompiledDecoding` (here with dynamo's
+    `eager` backend, for speed) and gives the eager greedy answers."""
+    import json
+
+    from jetmoe_ft.assets import load_tokenizer
+    from jetmoe_ft.evaluation import chat, eval_gen
+    from jetmoe_ft.evaluation.generation import CompiledDecoding
+
+    torch._dynamo.reset()
+    used = []
+
+    def recorded(model, **kwargs):
+        used.append(CompiledDecoding(model, backend="eager"))
+        return used[-1]
+
+    for module in (chat, eval_gen):
+        monkeypatch.setattr(module, "CompiledDecoding", recorded)
+    model_dir = tmp_path / "model"
+    _model(vocab_size=32000, bos_token_id=1, eos_token_id=2).save_pretrained(model_dir)
+    load_tokenizer().save_pretrained(model_dir)
+    answers = {}
+    for flag in ([], ["--compile"]):
+        capsys.readouterr()
+        argv = ["--model", str(model_dir), "--prompt", "Hello there", "--max_new_tokens", "6"]
+        assert chat.main(argv + flag) == 0
+        out = tmp_path / f"eval{len(flag)}"
+        eval_gen.main(
+            ["--model", str(model_dir), "--baseline", str(model_dir), "--dataset_name", "chatterbot"]
+            + ["--max_samples", "3", "--max_new_tokens", "5", "--bootstrap", "10", "--no_instructions"]
+            + ["--output_dir", str(out), *flag]
+        )
+        rows = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+        answers[bool(flag)] = (capsys.readouterr().out.splitlines()[0], [row["answer"] for row in rows])
+    assert answers[True] == answers[False]
+    assert len(used) == 3 and all(decoding.failed is None for decoding in used)  # chat, eval-gen's two sides

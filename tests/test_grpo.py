@@ -47,7 +47,7 @@ def short(completions, **kwargs):
     return [-len(c[-1]["content"] if isinstance(c, list) else c) / 10 for c in completions]
 
 
-def _trainer(tmp_path, coef, beta=0.1, lora=False):
+def _trainer(tmp_path, coef, beta=0.1, lora=False, **trainer_kwargs):
     torch.manual_seed(0)
     model = JetMoeForCausalLM(
         JetMoeConfig(**tiny_kwargs(vocab_size=32000), aux_loss_coef=coef, pad_token_id=0)
@@ -79,6 +79,7 @@ def _trainer(tmp_path, coef, beta=0.1, lora=False):
         args=args,
         train_dataset=Dataset.from_list([{"prompt": p} for p in PROMPTS]),
         processing_class=load_tokenizer(),
+        **trainer_kwargs,
     )
 
 
@@ -141,18 +142,22 @@ def test_rollout_routing_matches_with_the_same_weights_and_sees_a_change():
             input_ids=prompt, attention_mask=prompt_mask, max_new_tokens=6, min_new_tokens=6, do_sample=False
         )
     completion = generated[:, 5:]
-    choices = routing.take_generation(completion.shape[1])
-    assert (
-        choices.shape == (3, 4, 6, 2) and (choices[:, :, -1] == UNSET).all()
-    )  # the last token is never read
-    completion_mask = torch.ones_like(completion)
+    record = routing.take_generation(completion.tolist(), pad_id=0)
+    assert record["rollout_experts"].shape == (3, 4, 11, 2)
+    assert (record["rollout_experts"][:, :, -1] == UNSET).all()  # the last token is never read
+    inputs = {
+        "prompt_ids": prompt,
+        "completion_ids": completion,
+        "completion_mask": torch.ones_like(completion),
+        **record,
+    }
 
     def training_forward():
         model.train()
         with routing.training_forward():
-            model(input_ids=generated, attention_mask=torch.cat([prompt_mask, completion_mask], 1))
-        routing.compare(choices, 5, completion_mask)
-        return routing.take_log_values()
+            model(input_ids=generated, attention_mask=torch.cat([prompt_mask, inputs["completion_mask"]], 1))
+        routing.compare(inputs)
+        return {k: v for k, v in routing.take_log_values().items() if k.startswith("routing/")}
 
     same = training_forward()
     assert same == {
@@ -180,6 +185,9 @@ def test_two_steps_log_rewards_router_loss_and_rollout_match(tmp_path):
         assert "rewards/no_repeated_ngrams/mean" in entry and "rewards/short/mean" in entry
         assert entry["routing/rollout_match"] == 1.0 and entry["routing/rollout_match.moe"] == 1.0
         assert entry["aux_loss"] > 0 and "routing/layer0.moe.entropy" in entry
+        # the sampled tokens' log-probs recorded while generating are the training forward's
+        assert entry["rollout/logprob_gap"] < 1e-4 and entry["rollout/generation_seconds"] > 0
+        assert "routing/rollout_free_match" not in entry  # no replay: nothing else changes
     saved = json.loads((tmp_path / "metrics.json").read_text())
     for when in ("before", "after"):
         low, high = saved[f"eval_{when}_reward/ci95"]
@@ -247,15 +255,23 @@ def test_a_subprocess_exits_with_status_2_on_a_wrong_reward():
     )
 
 
-def test_two_cpu_ranks_run_two_grpo_steps(tmp_path):
+def test_two_cpu_ranks_run_two_grpo_steps_with_routing_replay(tmp_path):
+    """Each rank replays its own rollouts: one generation serves both steps, so the second trains on weights
+    that moved; the experts used stay the rollout's, and the old policy's log-probs (the rollout's weights, with
+    the rollout's experts) equal the rollout's, on both ranks."""
     command = [str(Path(sys.executable).parent / "accelerate"), "launch"]
     command += ["--config_file", str(ROOT / "configs" / "cpu_ddp.yaml"), "-m", "jetmoe_ft.grpo"]
     command += ["--config", RECIPE, "--output_dir", str(tmp_path), *QUICK]
+    command += ["--routing_replay", "rollout", "--steps_per_generation", "2"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Trained 2 steps" in result.stdout and "on 2 processes (cpu)" in result.stdout
+    assert "Routing replay: every scoring forward" in result.stdout
     logs = _logs(tmp_path)
     assert len(logs) == 2 and all(entry["routing/rollout_match"] == 1.0 for entry in logs)
+    assert all(entry["rollout/logprob_gap.old"] < 1e-4 for entry in logs)
+    assert logs[0]["routing/rollout_free_match"] == 1.0  # the rollout's weights
+    assert logs[1]["rollout/logprob_gap"] > logs[1]["rollout/logprob_gap.old"]  # one update later
     assert json.loads((tmp_path / "metrics.json").read_text())["eval_reward/prompts"] == 4
 
 

@@ -42,6 +42,7 @@ from .eval_cls import load_head, reward_head_config, score_batches
 from .generation import (
     ANSWER_STATS,
     Answer,
+    CompiledDecoding,
     Prompt,
     answer_nll,
     generate_answers,
@@ -298,6 +299,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     add("--num_samples", type=int, default=1, help="Answers per prompt (with --do_sample).")
     add("--temperature", type=float, default=1.0)
     add("--batch_size", type=int, default=16)
+    add("--compile", action="store_true", help="Decode with a static cache and a compiled forward.")
     add("--drop_long_prompts", action="store_true", help="Leave out prompts that do not fit the context.")
     add("--lm_eval_tasks", help="Comma-separated lm-evaluation-harness tasks to run on both models.")
     add("--lm_eval_include_path", help="A folder of local lm-eval task definitions.")
@@ -372,8 +374,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     references = [reference_token_ids(tokenizer, p, ref, limit) for p, ref in rows]
     for side in (base, tuned):
         with side.active():
+            decoding = CompiledDecoding(side.model) if args.compile else None
             answers[side.name] = generate_answers(
-                side.model, tokenizer, ids + instruction_ids, desc=f"Answers ({side.name})", **sampling
+                side.model,
+                tokenizer,
+                ids + instruction_ids,
+                desc=f"Answers ({side.name})",
+                decoding=decoding,
+                **sampling,
             )
             nll[side.name] = answer_nll(side.model, references, tokenizer.pad_token_id, args.batch_size)
         answers[side.name], instruction_answers[side.name] = (

@@ -1,17 +1,22 @@
 """Answers from a JetMoE model and what can be measured on them: batched generation (left padding, the model's
-own KV cache), the loss of reference answers, and answer statistics (length, distinct-n, repetition)."""
+own KV cache, or compiled decode steps over a static cache: `CompiledDecoding`), the loss of reference answers,
+and answer statistics (length, distinct-n, repetition)."""
 
 from __future__ import annotations
 
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
+
+from ..modeling import JetMoeForCausalLM
 
 Prompt = list[dict[str, str]] | str
 """A conversation to answer (messages without the answer) or plain text to continue."""
@@ -59,10 +64,12 @@ def generate_answers(
     num_samples: int = 1,
     seed: int = 0,
     desc: str = "Generating",
+    decoding: CompiledDecoding | None = None,
 ) -> list[list[Answer]]:
     """`num_samples` answers per prompt (token ids), greedy unless `do_sample`; batches of similar lengths.
 
-    Sampling is seeded per batch from `seed`, so two models see the same random stream.
+    Sampling is seeded per batch from `seed`, so two models see the same random stream. With `decoding`
+    (`CompiledDecoding` of this model), the decode steps run its compiled forward over a static cache.
     """
     device = next(model.parameters()).device
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
@@ -76,15 +83,22 @@ def generate_answers(
             rows = order[start : start + batch_size]
             batch = left_pad([prompts[i] for i in rows], pad_id)
             torch.manual_seed(seed + start)
-            output = model.generate(
-                input_ids=batch["input_ids"].to(device),
-                attention_mask=batch["attention_mask"].to(device),
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=pad_id,
-                eos_token_id=eos_id,
-                **sampling,
+            fast = (
+                {}
+                if decoding is None
+                else decoding.generate_kwargs(batch["input_ids"].shape[1], max_new_tokens)
             )
+            with decoding.active() if decoding is not None else nullcontext():
+                output = model.generate(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=num_samples,
+                    pad_token_id=pad_id,
+                    eos_token_id=eos_id,
+                    **sampling,
+                    **fast,
+                )
             new = output[:, batch["input_ids"].shape[1] :].cpu().tolist()
             for j, ids in enumerate(new):
                 answers[rows[j // num_samples]].append(_answer(tokenizer, ids, eos_id))
@@ -191,3 +205,87 @@ ANSWER_STATS: dict[str, Any] = {
     "empty": lambda groups: _mean(groups, lambda a: float(not a.text.strip())),
 }
 """Answer statistics by name: a function of per-prompt answer lists."""
+
+
+# ---------------------------------------------------------------------------------------------
+# compiled decoding
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The `JetMoeForCausalLM` inside `model` (PEFT or distributed wrappers around it), or `model` itself."""
+    for module in model.modules():
+        if isinstance(module, JetMoeForCausalLM):
+            return module
+    return model
+
+
+class CompiledDecoding:
+    """`generate` with transformers' static cache and its decode steps through a `torch.compile`d forward.
+
+    The prefill runs eagerly (its width changes with every batch of prompts, each width a new graph); inside
+    `active()` every single-token forward of the causal LM without gradients runs one fullgraph-compiled forward.
+    The forward, not the module's `__call__`, is compiled, so forward hooks on the causal LM run eagerly around it
+    and may keep Python state (the rollout routing record does). The static cache's length is rounded up to
+    `cache_multiple` tokens, so batches of similar prompts reuse one graph. If compiling fails, one line says why
+    and generation stays eager from then on.
+    """
+
+    def __init__(self, model: nn.Module, backend: str = "inductor", cache_multiple: int = 64):
+        self.causal_lm = causal_lm_of(model)
+        self.backend = backend
+        self.cache_multiple = cache_multiple
+        self.failed: str | None = None
+        """Why compiling failed (then every forward is eager), or None."""
+        self._compiled: tuple[Any, Any] | None = None  # (eager forward, its compiled graph)
+
+    def generate_kwargs(self, prompt_width: int, max_new_tokens: int) -> dict[str, Any]:
+        """`generate` keywords (or `GenerationConfig` fields) for prompts `prompt_width` tokens wide: the static
+        cache, or the default dynamic one once compiling has failed."""
+        if self.failed is not None:
+            return {"cache_implementation": None}
+        length = -(-(prompt_width + max_new_tokens) // self.cache_multiple) * self.cache_multiple
+        return {"cache_implementation": "static", "max_cache_len": length}
+
+    @contextmanager
+    def active(self):
+        """While inside, the causal LM's decode steps run the compiled forward."""
+        causal_lm, eager = self.causal_lm, self.causal_lm.forward
+        if self.failed is not None:
+            yield
+            return
+        if self._compiled is None or self._compiled[0] is not eager:
+            self._compiled = (
+                eager,
+                torch.compile(eager, fullgraph=True, dynamic=False, backend=self.backend),
+            )
+        compiled, checked = self._compiled[1], [False]
+
+        def forward(*args, **kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            decode_step = ids is not None and ids.shape[1] == 1 and not torch.is_grad_enabled()
+            if self.failed is not None or not decode_step or kwargs.get("fused_lm_head"):
+                return eager(*args, **kwargs)
+            if checked[0]:
+                return compiled(*args, **kwargs)
+            try:  # the first decode step of each `generate` may compile (a new batch size or cache length)
+                output = compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - whatever stops compilation, decoding stays possible
+                self.failed = _first_cause(error)
+                print(f"Compiled decoding is not possible here ({self.failed}); decoding eagerly.")
+                return eager(*args, **kwargs)
+            checked[0] = True
+            return output
+
+        causal_lm.forward = forward
+        try:
+            yield
+        finally:
+            causal_lm.forward = eager
+
+
+def _first_cause(error: BaseException) -> str:
+    """`Type: first line` of the innermost cause (dynamo wraps a backend's error in its own)."""
+    while (inner := getattr(error, "inner_exception", None) or error.__cause__) is not None:
+        error = inner
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]

@@ -159,8 +159,9 @@ class RouterDecision:
     """What one router decided for N tokens."""
 
     logits: torch.Tensor  # [N, E] fp32
-    gates: torch.Tensor  # [N, k] softmax over the top-k logits, in the activation dtype
+    gates: torch.Tensor  # [N, k] softmax over the chosen experts' logits, in the activation dtype
     routing: Routing
+    experts: torch.Tensor  # [N, k] the experts each token goes to
 
 
 class JetMoeTopKGating(nn.Module):
@@ -168,6 +169,10 @@ class JetMoeTopKGating(nn.Module):
 
     With the `auto` backend, few (token, slot) pairs stay unsorted (`route_rows`: decoding), many are
     grouped by expert (`sort_by_expert`); any other backend always groups them.
+
+    `imposed_experts` ([N, k] expert indices, -1 = the router's own choice), when set, replaces the top-k for
+    the N tokens of the next forwards (routing replay, `jetmoe_ft.training.routing_replay`); the gates are
+    still the softmax of the current logits over the imposed experts, so the router keeps its gradient.
     """
 
     def __init__(
@@ -185,19 +190,35 @@ class JetMoeTopKGating(nn.Module):
         self.row_multiple = row_multiple
         self.backend = backend
         self.layer = nn.Linear(input_size, num_experts, bias=False)
+        self.imposed_experts: torch.Tensor | None = None
 
     def forward(self, hidden_states: torch.Tensor) -> RouterDecision:
         logits = self.layer(hidden_states).float()
         top_k_logits, top_k_indices = logits.topk(self.top_k, dim=-1)
+        if self.imposed_experts is not None:
+            top_k_indices = self._impose(top_k_indices)
+            top_k_logits = logits.gather(-1, top_k_indices)
         gates = torch.softmax(top_k_logits, dim=-1).type_as(hidden_states)
         num_slots = top_k_indices.numel()
         if self.backend == "auto" and few_rows(num_slots, self.num_experts):
-            return RouterDecision(logits, gates, route_rows(top_k_indices, self.num_experts))
+            routing = route_rows(top_k_indices, self.num_experts)
+            return RouterDecision(logits, gates, routing, top_k_indices)
         row_multiple = self.row_multiple or default_row_multiple(
             hidden_states.device, compute_dtype(hidden_states), num_slots, self.num_experts
         )
         routing = sort_by_expert(top_k_indices, self.num_experts, row_multiple)
-        return RouterDecision(logits, gates, routing)
+        return RouterDecision(logits, gates, routing, top_k_indices)
+
+    def _impose(self, own: torch.Tensor) -> torch.Tensor:
+        """The imposed experts, the router's own top-k where a token has none (-1)."""
+        imposed = self.imposed_experts
+        if imposed.shape != own.shape:
+            raise ValueError(
+                f"Routing replay: {tuple(imposed.shape)} imposed experts for a router forward of "
+                f"{tuple(own.shape)} (tokens, top-k): the replayed batch is not this forward's."
+            )
+        imposed = imposed.to(own.device, own.dtype)
+        return torch.where(imposed >= 0, imposed, own)
 
 
 def _combine(rows_out: torch.Tensor, decision: RouterDecision) -> torch.Tensor:
