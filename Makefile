@@ -9,7 +9,7 @@ export TOKENIZERS_PARALLELISM := false
 
 RECIPE ?=
 
-.PHONY: install test bench bench-decode bench-recipes lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen export recipes
+.PHONY: install test bench bench-decode bench-grpo bench-recipes lint format clean sft dpo kto orpo grpo cls rm eval-cls eval-gen export recipes
 
 install:  ## create .venv and install the project (CPU torch first when there is no GPU)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -39,6 +39,9 @@ bench-recipes:  ## whole tiny SFT (60 steps) / DPO (30 steps) recipes, fp32 + bf
 
 bench-decode:  ## decoding only: ours eager and compiled (static cache) against transformers' eager
 	$(BIN)/python bench/bench_model.py --cases 'decode-*' --threads 1 --out-dir bench/results/decode
+
+bench-grpo:  ## GRPO, tiny recipe: routing replay off/on (bf16, 3 seeds) and eager vs compiled decoding (after make sft && make rm)
+	$(BIN)/python bench/bench_grpo.py
 
 sft:  ## supervised fine-tuning: recipes/tiny/sft.yaml unless RECIPE=path.yaml
 	$(BIN)/jetmoe-ft sft --config $(or $(RECIPE),recipes/tiny/sft.yaml)
