@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import socket
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,9 @@ from ..distributed import is_main_process
 
 FINGERPRINT_FILE = "run.json"
 LOCK_FILE = ".jetmoe-ft.lock"
+LOCK_REFRESH_S = 30.0
+LOCK_STALE_S = 120.0
+"""A lock written on another machine counts as held while it was touched this recently."""
 NOT_WHAT_IS_TRAINED = (
     "output_dir",
     "resume_from_checkpoint",
@@ -151,28 +156,58 @@ def _check_writable(output_dir: Path) -> None:
 
 
 def _take_lock(output_dir: Path) -> None:
-    """Create `output_dir/.jetmoe-ft.lock` for this process; refuse if a live process holds it."""
+    """Create `output_dir/.jetmoe-ft.lock` for this process; refuse if a live process holds it.
+
+    A holder on this machine is live while its process runs; one on another machine (a shared output_dir on several
+    nodes) while it keeps touching the lock (every `LOCK_REFRESH_S`), up to `LOCK_STALE_S` ago; one written by this
+    SLURM job before it was requeued never is."""
     output_dir.mkdir(parents=True, exist_ok=True)
     lock = output_dir / LOCK_FILE
     me = {"pid": os.getpid(), "host": socket.gethostname()}
+    if os.environ.get("SLURM_JOB_ID"):
+        me["slurm_job"] = os.environ["SLURM_JOB_ID"]  # a requeued job's earlier run is over
     try:
         descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         os.write(descriptor, (json.dumps(me) + "\n").encode())
         os.close(descriptor)
     except FileExistsError:
         holder = _read_fingerprint(lock)  # a small JSON file, read the same way
-        if (
-            holder
-            and holder.get("host") == me["host"]
-            and holder.get("pid") != me["pid"]
-            and _alive(holder["pid"])
-        ):
+        if holder and holder != me and _holder_alive(holder, lock):
+            where = "" if holder.get("host") == me["host"] else f" on {holder.get('host')}"
             raise RecipeError(
-                f"output_dir: another run (pid {holder['pid']}) is writing to {output_dir}; wait for it to "
+                f"output_dir: another run (pid {holder['pid']}{where}) is writing to {output_dir}; wait for it to "
                 "finish, stop it, or choose another output_dir."
             ) from None
         lock.write_text(json.dumps(me) + "\n")  # stale (a killed run), or this process's own earlier run
     atexit.register(_release_lock, lock, me["pid"])
+    _keep_fresh(lock, me)
+
+
+def _holder_alive(holder: dict, lock: Path) -> bool:
+    if holder.get("slurm_job") and holder.get("slurm_job") == os.environ.get("SLURM_JOB_ID"):
+        return False  # this job's own run before it was requeued
+    if holder.get("host") == socket.gethostname():
+        return holder.get("pid") != os.getpid() and _alive(holder["pid"])
+    try:
+        return time.time() - lock.stat().st_mtime < LOCK_STALE_S
+    except OSError:
+        return False
+
+
+def _keep_fresh(lock: Path, me: dict) -> None:
+    """Touch the lock every `LOCK_REFRESH_S` while this process holds it (a daemon thread)."""
+
+    def touch():
+        while True:
+            time.sleep(LOCK_REFRESH_S)
+            if _read_fingerprint(lock) != me:
+                return
+            try:
+                os.utime(lock)
+            except OSError:
+                return
+
+    threading.Thread(target=touch, name="jetmoe-ft-lock", daemon=True).start()
 
 
 def _release_lock(lock: Path, pid: int) -> None:

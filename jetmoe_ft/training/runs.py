@@ -21,6 +21,7 @@ from ..config import Recipe, RecipeError
 from ..distributed import (
     LOST_PROCESS_EXIT,
     check_launch,
+    check_nodes_share,
     is_main_process,
     prepare_final_save,
     report_lost_process,
@@ -28,7 +29,9 @@ from ..distributed import (
     watch_processes,
 )
 from .model_card import write_model_card
+from .preemption import PREEMPTED_EXIT, PREEMPTION, Preempted, PreemptionCallback
 from .provenance import RunFingerprintCallback, claim_output_dir, run_fingerprint
+from .trackers import TRACKER_RUNS, name_the_run
 from .trainers import NonFiniteTrainingError
 
 _CHECKPOINT = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -119,10 +122,13 @@ def start_run(recipe: Recipe, data) -> RunStart:
     """Before any model loads: seed everything, find the checkpoint to resume, and claim `output_dir` for this
     run (lock, provenance; `jetmoe_ft.training.provenance`)."""
     set_seed(recipe.training.seed)  # the model, its heads, adapters and the expert selection start from here
+    check_nodes_share(recipe.training.output_dir, recipe.training.save_on_each_node)
     resume_from = resume_checkpoint(recipe.training)
     fingerprint = run_fingerprint(recipe, data)
     claim_output_dir(recipe, fingerprint, resume_from)
+    name_the_run(recipe.training, recipe, fingerprint)  # the trackers' run: recipe@fingerprint
     _ACTIVE_OUTPUT_DIR[:] = [recipe.training.output_dir]
+    PREEMPTION.install()  # before the watch: its SIGTERM handler passes other SIGTERMs on to this one
     # several processes: a lost one stops the others (one line, exit 4)
     watch_processes(recipe.training.output_dir, _resume_hint)
     return RunStart(resume_from, fingerprint)
@@ -131,8 +137,13 @@ def start_run(recipe: Recipe, data) -> RunStart:
 def train_with_evaluations(trainer, run: RunStart) -> dict[str, Any]:
     """Held-out evaluation before (fresh runs only), training, held-out evaluation after; all their metrics."""
     trainer.add_callback(RunFingerprintCallback(run.fingerprint))
+    preemption = PreemptionCallback()
+    trainer.add_callback(preemption)
+    TRACKER_RUNS.open(trainer.args, run.fingerprint, resumed=run.resume_from is not None)
     before = evaluate(trainer, "before") if run.resume_from is None else {}
     train_metrics = trainer.train(resume_from_checkpoint=run.resume_from).metrics
+    if (stopped := preemption.stopped(trainer.args.output_dir)) is not None:
+        raise stopped
     after = evaluate(trainer, "after")
     return {**train_metrics, **before, **after}
 
@@ -179,7 +190,9 @@ def finish_run(trainer, recipe: Recipe, tokenizer, metrics: dict[str, Any], head
         write_model_card(output_dir, recipe, metrics)  # replaces the libraries' template README.md
         clean = {key: None if _is_non_finite(value) else value for key, value in metrics.items()}
         (output_dir / "metrics.json").write_text(json.dumps(clean, indent=2, sort_keys=True) + "\n")
+        TRACKER_RUNS.log_outputs(output_dir)
         print("\n" + "\n".join([trained_line(trainer, metrics), *headline, f"Outputs: {output_dir}"]))
+    TRACKER_RUNS.close()
     return output_dir
 
 
@@ -240,13 +253,17 @@ def run_command(main: Callable[[list[str] | None], Any], argv: list[str] | None 
     except NonFiniteTrainingError as error:
         print(f"error: {error}", file=sys.stderr)
         return _ended(3)
+    except Preempted as stopped:
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one line per node
+            print(f"preempted: {stopped}", file=sys.stderr, flush=True)
+        return _ended(PREEMPTED_EXIT)
     except KeyboardInterrupt:
         print(f"\ninterrupted: {_resume_hint()}", file=sys.stderr)
         return _ended(130)
     except SystemExit as stop:  # `--help` printed the recipe keys
         return _ended(stop.code if isinstance(stop.code, int) else 0)
     except Exception as error:
-        if report_lost_process():  # e.g. gloo's "Connection reset by peer" in the next collective
+        if report_lost_process(error):  # e.g. gloo's "Connection reset by peer" in the next collective
             return LOST_PROCESS_EXIT
         if _disk_full(error):
             print(f"error: {_disk_full(error)}", file=sys.stderr)
@@ -279,6 +296,11 @@ def _disk_full(error: BaseException) -> str | None:
 def _ended(status: int) -> int:
     """This process ends on purpose: its peers must not report it as lost."""
     stop_watching()
+    if status == PREEMPTED_EXIT and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        PREEMPTION.ignore()  # the launcher's teardown, once one process is out, finds the others exiting
+    else:
+        PREEMPTION.uninstall()
+    TRACKER_RUNS.close(status)
     return status
 
 

@@ -39,6 +39,7 @@ from ..modeling import JetMoeForCausalLM, JetMoeModel
 from ..modeling.lm_head import install_lm_head
 from ..modeling.lm_head_loss import DEFAULT_CHUNK_SIZE
 from ..modeling.modeling_jetmoe import router_loss_for
+from .console import install_console
 from .drift import RoutingDriftProbe, probe_token_ids
 from .routing_health import RoutingHealthCallback
 
@@ -189,6 +190,7 @@ class JetMoeTrainerMixin:
         self.nonfinite_guard = NonFiniteGuard(getattr(options, "nonfinite_skip_steps", 0))
         self.add_callback(self.nonfinite_guard)
         self.install_lm_heads()
+        install_console(self)  # one short line per logging step; every key still reaches the logs
 
     def install_lm_heads(self) -> None:
         """Our LM head on the policy and the reference, once, after TRL added its fused heads (a TRL loop that
