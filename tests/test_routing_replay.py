@@ -2,6 +2,8 @@
 up with the training input, gradient checkpointing recomputes the same experts, expert LoRA and GRPO's three
 scoring forwards (policy, old policy, reference) are replayed."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -212,14 +214,21 @@ def test_grpo_replays_the_rollout_in_the_policy_old_policy_and_reference_forward
     assert logs["rollout/logprob_gap.old"] > 0  # moved routers: the old log-probs are not the rollout's
 
 
-def test_a_generator_that_records_no_routing_cannot_replay(capsys):
+def test_a_generator_that_records_no_routing_cannot_replay(tmp_path, capsys):
+    from jetmoe_ft.config import RecipeError
     from jetmoe_ft.grpo import cli
 
-    from .test_grpo import RECIPE
+    from .test_grpo import RECIPE, _trainer
 
     argv = ["--config", RECIPE, "--model_name_or_path", "jetmoe-ft/tiny", "--routing_replay", "rollout"]
     assert cli([*argv, "--use_vllm", "true"]) == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: routing_replay: rollout needs completions from our model's `generate`")
+    recipe = tmp_path / "beams.yaml"
+    recipe.write_text(Path(RECIPE).read_text() + "generation_kwargs: {num_beams: 2}\n")
+    assert cli(["--config", str(recipe), *argv[2:]]) == 2
+    assert "num_beams > 1" in capsys.readouterr().err.strip().splitlines()[-1]
     assert cli([*argv[:-1], "always"]) == 2
     assert "routing_replay" in capsys.readouterr().err
+    with pytest.raises(RecipeError, match="rollout_func"):
+        _trainer(tmp_path, 0.01, beta=0.0, routing_replay="rollout", rollout_func=lambda prompts, trainer: {})
