@@ -20,22 +20,16 @@ from jetmoe_ft.adapters.adapt import adapt_model
 from jetmoe_ft.assets import build_tiny_model, load_tokenizer
 from jetmoe_ft.cls import ClsArguments
 from jetmoe_ft.config import RecipeError, parse_recipe
-from jetmoe_ft.export import peft_format, pipeline
+from jetmoe_ft.export import peft_format, pipeline, probes
 from jetmoe_ft.export.checks import ExportRefused, FreshProcess
 from jetmoe_ft.export.command import cli
 from jetmoe_ft.loading import load_recipe_model, load_recipe_tokenizer
 from jetmoe_ft.modeling import JetMoeForSequenceClassification
 from jetmoe_ft.training.runs import finish_head_run, finish_run
 
-SHAPE = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    num_key_value_heads=2,
-    kv_channels=16,
-    intermediate_size=96,
-    num_local_experts=4,
-    max_position_embeddings=256,
-)
+from .conftest import randomize_biases, tiny_kwargs
+
+SHAPE = tiny_kwargs(vocab_size=32000)  # the embedded tokenizer's vocabulary
 LORA = {"lora_r": 4, "lora_alpha": 8}
 
 
@@ -78,10 +72,7 @@ def _save_run(root, name, values, *, cls=None, task=None, perturb="lora_B"):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     base = build_tiny_model(0, **SHAPE)
-    with torch.no_grad():
-        for name, parameter in base.named_parameters():
-            if name.endswith("bias"):
-                parameter.normal_(0, 0.05)
+    randomize_biases(base)
     base.save_pretrained(root / "base")
     load_tokenizer().save_pretrained(root / "base")
     start = {"model_name_or_path": str(root / "base"), "dataset_name": "chatterbot"}
@@ -268,17 +259,21 @@ def test_expert_major_packing_is_refused_by_check_4(runs, fresh, tmp_path, monke
     assert not list(tmp_path.iterdir())
 
 
-def test_an_adapter_that_changes_nothing_is_refused_by_check_1(runs, fresh, tmp_path):
+def test_an_adapter_that_changes_nothing_is_refused_by_check_1(runs, tmp_path, capsys):
     noop = tmp_path / "noop"
     shutil.copytree(runs["adapter"], noop)
     tensors = load_file(str(noop / "adapter_model.safetensors"))
     tensors = {key: torch.zeros_like(value) if "lora_B" in key else value for key, value in tensors.items()}
     save_file(tensors, str(noop / "adapter_model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(
-        ExportRefused, match=r"check 1 fine-tune present: the run's logits differ from its base .* by 0"
-    ):
-        pipeline.export_run(noop, tmp_path / "out", dtype="fp32", fresh=fresh)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["noop"]
+    out = tmp_path / "out"
+    out.mkdir()  # an empty DIR given on purpose: still empty after the refusal
+    assert cli(["--model", str(noop), "--output", str(out), "--dtype", "fp32"]) == 5
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1
+    assert re.match(
+        r"error: export refused by check 1 fine-tune present: the run's logits differ .* by 0,", errors[0]
+    )
+    assert not list(out.iterdir()) and sorted(p.name for p in tmp_path.iterdir()) == ["noop", "out"]
 
 
 def _one_line_exit_2(capsys, argv):
@@ -408,7 +403,7 @@ def test_transformers_serve_answers_like_our_greedy_generation(exports):
         reply = client.chat.completions.create(
             model=str(folder),
             messages=[{"role": "user", "content": "Hello, how are you?"}],
-            max_tokens=pipeline.GREEDY_TOKENS,
+            max_tokens=probes.GREEDY_TOKENS,
             temperature=0,
         )
         assert reply.choices[0].message.content.strip() == expected

@@ -5,16 +5,39 @@ snippets — the same text the fresh-process check executed."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-HEADLINE_KEYS = ("loss", "accuracy", "macro_f1", "rewards/accuracies", "rewards/margins", "margin")
+from ..training.model_card import _results
+from .probes import GREEDY_TOKENS
+from .sources import Source
 
 
-def usage_snippet(model_id: str, task: str, probe: dict, max_new_tokens: int) -> str:
+def snippets(
+    source: Source, probe: dict, model_id: str, adapter: str | None, base: str | None
+) -> dict[str, str]:
+    """The usage snippets of an export at `model_id`: `model`, and with a stock adapter `adapter` (the source text of
+    `PeftModel.from_pretrained`'s arguments after the model) on the base `base`. The card shows them with the final
+    names; the fresh-process check runs them on the staged files."""
+    found = {"model": usage_snippet(model_id, source.task, probe)}
+    if adapter is not None:
+        found["adapter"] = adapter_snippet(base, adapter, source.task, probe, source.head_kwargs())
+    return found
+
+
+def expected_output(source: Source, tokenizer, reference: dict) -> str | float:
+    """What the snippets print when the export is right: the run's own greedy answer, score or label (probe 0)."""
+    if source.task == "causal_lm":
+        return tokenizer.decode(reference["greedy"][0], skip_special_tokens=True).strip()
+    logits = reference["logits"][0].reshape(-1)
+    if source.head == "reward":
+        return float(logits[0])
+    return source.config.id2label[int(logits.argmax())]
+
+
+def usage_snippet(model_id: str, task: str, probe: dict) -> str:
     """Python that loads the export with transformers alone and prints what the model answers (or scores)."""
     if task == "sequence_classification":
         if "messages" in probe:
@@ -44,30 +67,34 @@ def usage_snippet(model_id: str, task: str, probe: dict, max_new_tokens: int) ->
         f"messages = {probe['messages']!r}\n"
         'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", '
         "return_dict=True)\n"
-        f"outputs = model.generate(**inputs, max_new_tokens={max_new_tokens}, do_sample=False)\n"
+        f"outputs = model.generate(**inputs, max_new_tokens={GREEDY_TOKENS}, do_sample=False)\n"
         'print(tokenizer.decode(outputs[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))\n'
     )
 
 
-def adapter_snippet(
-    base: str, adapter: str, task: str, probe: dict, max_new_tokens: int, base_kwargs: dict
-) -> str:
-    """Python that puts the stock-PEFT adapter on transformers' base model and prints the same answer; `adapter` is
-    the source of `PeftModel.from_pretrained`'s arguments after the model (a path, or a repo id and subfolder)."""
+def adapter_snippet(base: str, adapter: str, task: str, probe: dict, base_kwargs: dict) -> str:
+    """Python that puts the stock-PEFT adapter on transformers' base model and prints the same answer."""
     cls = (
         "AutoModelForSequenceClassification" if task == "sequence_classification" else "AutoModelForCausalLM"
     )
     load = f'model = {cls}.from_pretrained(model_id, dtype="auto")\n'
     kwargs = "".join(f", {key}={value!r}" for key, value in base_kwargs.items())
-    return "from peft import PeftModel\n" + usage_snippet(base, task, probe, max_new_tokens).replace(
+    return "from peft import PeftModel\n" + usage_snippet(base, task, probe).replace(
         load,
         f'model = {cls}.from_pretrained(model_id, dtype="auto"{kwargs})\n'
         f"model = PeftModel.from_pretrained(model, {adapter})\n",
     )
 
 
-def write_card(folder: Path, info: dict[str, Any], snippets: dict[str, str], metrics: dict[str, Any]) -> Path:
-    """`folder/README.md` from export.json's `info`."""
+def write_card(
+    folder: Path,
+    name: str,
+    info: dict[str, Any],
+    shown: dict[str, str],
+    model_id: str,
+    metrics: dict[str, Any],
+) -> None:
+    """`folder/README.md` of the export `name`, from export.json's `info` and the snippets `shown`."""
     source, base_model = info["source"], info.get("base_model")
     front = {
         "library_name": "transformers",
@@ -83,33 +110,33 @@ def write_card(folder: Path, info: dict[str, Any], snippets: dict[str, str], met
         yaml.safe_dump(front, sort_keys=False).strip(),
         "---",
         "",
-        f"# {folder.name if folder.name else 'export'}",
+        f"# {name}",
         "",
         f"A JetMoE {_what(info)} fine-tuned with `jetmoe-ft {info['loop']}` from "
         f"{f'`{base_model}`' if base_model else 'a base with no hub id'} "
-        f"(run `{source['path']}`, a {source['kind'].replace('_', ' ')}), exported with `jetmoe-ft export` in "
+        f"(run `{source['path']}`: {KIND_NAMES[source['kind']]}), exported with `jetmoe-ft export` in "
         f"{info['dtype']} as a plain transformers checkpoint: transformers' own `JetMoeConfig` and "
         f"`{info['model_class']}` load it; jetmoe-ft is not needed to use it.",
         "",
         "## Use",
         "",
         "```python",
-        snippets["model"].rstrip(),
+        shown["model"].rstrip(),
         "```",
         "",
         'Served by transformers\' OpenAI-compatible server (`pip install "transformers[serving]"`):',
         "",
         "```bash",
-        f"transformers serve {snippets['model_id']} --port 8000",
+        f"transformers serve {model_id} --port 8000",
         "```",
     ]
-    if "adapter" in snippets:
+    if "adapter" in shown:
         lines += [
             "",
             "The adapter alone, in stock PEFT's format (`adapter/`), on transformers' base model:",
             "",
             "```python",
-            snippets["adapter"].rstrip(),
+            shown["adapter"].rstrip(),
             "```",
         ]
     lines += ["", "## Held-out results of the run", "", *_results(metrics)]
@@ -139,9 +166,15 @@ def write_card(folder: Path, info: dict[str, Any], snippets: dict[str, str], met
         *[f"| {name} | {version} |" for name, version in info["versions"].items()],
         "",
     ]
-    target = folder / "README.md"
-    target.write_text("\n".join(lines))
-    return target
+    (folder / "README.md").write_text("\n".join(lines))
+
+
+KIND_NAMES = {
+    "full": "a full model",
+    "adapter": "an expert-LoRA adapter",
+    "stacked_adapter": "an adapter trained on another adapter",
+    "qlora": "a QLoRA adapter",
+}
 
 
 def _what(info: dict) -> str:
@@ -157,26 +190,8 @@ def _figures(check: dict) -> str:
     return ", ".join(shown)
 
 
-def _results(metrics: dict[str, Any]) -> list[str]:
-    rows = ["| metric | before | after |", "| --- | --- | --- |"]
-    for key in HEADLINE_KEYS:
-        after = metrics.get(f"eval_after_{key}")
-        if not _is_number(after):
-            continue
-        before = metrics.get(f"eval_before_{key}")
-        rows.append(
-            f"| {key} | {before:.4f} | {after:.4f} |" if _is_number(before) else f"| {key} | | {after:.4f} |"
-        )
-    if len(rows) == 2:
-        return ["The run recorded no held-out results (no held-out split)."]
-    return rows
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def read_metrics(path: Path) -> dict[str, Any]:
+    """The run's `metrics.json` (beside the adapter, or one folder up), or nothing."""
     for folder in (path, path.parent):
         try:
             return json.loads((folder / "metrics.json").read_text())

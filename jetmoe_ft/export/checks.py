@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..config import RecipeError
+from .probes import mean_kl
 from .sources import Source
 
 TOLERANCES = {
@@ -63,6 +64,7 @@ class ExportRefused(RuntimeError):
 
 
 def record(checks: list[dict], name: str, passed: bool, failure: str | None = None, **figures) -> dict:
+    """Append one check's entry (as export.json holds it); a failed check raises `ExportRefused`."""
     entry = {"check": name, "passed": passed, **({"failure": failure} if failure else {}), **figures}
     checks.append(entry)
     if not passed:
@@ -86,19 +88,6 @@ def probe_outputs(model: nn.Module, rows: list[torch.Tensor], backbone: bool = F
     return outputs
 
 
-def max_difference(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
-    return max((a - b).abs().max().item() for a, b in zip(first, second, strict=True))
-
-
-def mean_kl(first: list[torch.Tensor], second: list[torch.Tensor]) -> float:
-    """Mean KL(first || second) over positions of the probe rows, in float64."""
-    values = []
-    for p_logits, q_logits in zip(first, second, strict=True):
-        log_p, log_q = torch.log_softmax(p_logits.double(), -1), torch.log_softmax(q_logits.double(), -1)
-        values.append((log_p.exp() * (log_p - log_q)).sum(-1).mean().item())
-    return max(sum(values) / len(values), 0.0)
-
-
 def check_fine_tune(
     checks: list[dict],
     source: Source,
@@ -113,7 +102,7 @@ def check_fine_tune(
     more than the fp32 tolerance; in bf16 also its KL from the base `FINE_TUNE_FACTOR` times more than the KL bf16
     rounding alone brings."""
     threshold = FINE_TUNE_FACTOR * TOLERANCES["float32"]["logits_atol"]
-    moved = max_difference(run_fp32, base_fp32)
+    moved = max((a - b).abs().max().item() for a, b in zip(run_fp32, base_fp32, strict=True))
     figures: dict[str, Any] = {"max_difference_from_base": moved, "threshold": threshold}
     passed = moved > threshold
     failure = (
@@ -249,7 +238,7 @@ def check_tensors(
         error = (tensor.float() - expected).abs()
         bound = rtol * expected.abs() + FP32_SUM_RTOL * size + 1e-30
         ratio = (error / bound).max().item()
-        if ratio > worst:
+        if worst_name is None or ratio > worst:
             worst, worst_name = ratio, name
         if ratio > 1:
             index = int((error / bound).argmax())
@@ -377,6 +366,40 @@ class FreshProcess:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def fresh_spec(
+    source: Source, staging: Path, dtype: str, probes: list[dict], run_snippets: dict, expected, peft_base
+) -> dict[str, Any]:
+    """What the fresh process checks in the staged export: its files, the config transformers must read, the
+    probe conversations, the tolerances, the snippets to execute and what they must print."""
+    config = json.loads((staging / "config.json").read_text())
+    spec = {
+        "export_dir": str(staging),
+        "dtype": dtype,
+        "task": source.task,
+        "probe": str(staging / "probe.safetensors"),
+        "expected_config": {
+            k: v for k, v in config.items() if k not in ("transformers_version", "architectures")
+        },
+        "conversations": [
+            {key: probe[key] for key in ("messages", "generation_prompt", "text") if key in probe}
+            for probe in probes
+        ],
+        "tolerances": TOLERANCES[dtype],
+        "model_snippet": run_snippets["model"],
+        "model_snippet_expected": expected,
+        "peft": None,
+    }
+    if peft_base is not None:
+        spec["peft"] = {
+            "adapter_dir": str(staging / "adapter"),
+            "base": peft_base["name"],
+            "base_kwargs": source.head_kwargs(),
+        }
+        spec["adapter_snippet"] = run_snippets["adapter"]
+        spec["adapter_snippet_expected"] = expected
+    return spec
 
 
 def record_fresh(checks: list[dict], result: dict[str, Any], peft: bool) -> None:

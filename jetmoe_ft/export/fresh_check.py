@@ -109,7 +109,10 @@ def run_probes(model, rows: list[dict], task: str, generate: bool) -> dict:
         errors.append(error)
         kls.append(kl)
         with torch.no_grad():
-            routed = model(input_ids=row["routed_ids"][None], output_router_logits=True)
+            # transformers' classification head returns no router logits: its backbone does
+            routed = (model if generate else backbone(model))(
+                input_ids=row["routed_ids"][None], output_router_logits=True
+            )
         if generate:
             compare_greedy(routed.logits[0].float(), row, greedy, index)
         agreement = router_agreement(routed.router_logits, row)
@@ -128,6 +131,12 @@ def run_probes(model, rows: list[dict], task: str, generate: bool) -> dict:
     figures["router_topk_agreement_min"] = min(shares)
     figures["routers"] = len(shares)
     return figures
+
+
+def backbone(model):
+    """The `JetMoeModel` inside transformers' model (or inside PEFT's wrapper of it)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.model
 
 
 def compare_greedy(logits: torch.Tensor, row: dict, greedy: dict, index: int) -> None:

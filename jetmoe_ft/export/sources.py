@@ -13,11 +13,12 @@ import torch
 import yaml
 from peft import PeftConfig, PeftModel
 from torch import nn
+from transformers import AutoTokenizer
 from trl import ModelConfig
 
 from ..adapters.lora import register_expert_lora
 from ..adapters.quantization import JetMoeParallelExperts4bit, quantize_model_4bit
-from ..assets import build_tiny_model
+from ..assets import build_tiny_model, tiny_config
 from ..config import RecipeError
 from ..loading import (
     TINY_NAMES,
@@ -29,6 +30,7 @@ from ..loading import (
 )
 from ..modeling import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification
 from ..modeling.modeling_jetmoe import JetMoeParallelExperts
+from ..training.model_card import LOOPS
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 
@@ -72,6 +74,32 @@ class Source:
     @property
     def base_is_tiny(self) -> bool:
         return self.base in TINY_NAMES
+
+    @property
+    def hub_base(self) -> str | None:
+        """The base as a hub id (the card's `base_model`), or None for a directory or the tiny model."""
+        name = self.base
+        local = name in TINY_NAMES or Path(name).expanduser().exists() or name.startswith((".", "/", "~"))
+        return None if local or name.count("/") != 1 else name
+
+    @property
+    def loop(self) -> str:
+        """The loop that wrote the run: the tag its model card carries (`jetmoe-ft <loop>`), else by its head."""
+        readme = self.path / "README.md"
+        if readme.is_file() and (text := readme.read_text()).startswith("---"):
+            front = yaml.safe_load(text.split("---")[1]) or {}
+            tags = [tag for tag in front.get("tags") or [] if tag in set(LOOPS.values()) | {"rm"}]
+            if tags:
+                return tags[0]
+        return {"reward": "rm", "classifier": "cls"}.get(self.head, "sft")
+
+    @property
+    def datasets(self) -> list[str]:
+        if self.recipe.get("dataset_name"):
+            return [str(self.recipe["dataset_name"])]
+        return [
+            str(entry.get("path")) for entry in self.recipe.get("datasets") or [] if isinstance(entry, dict)
+        ]
 
     def head_kwargs(self) -> dict[str, Any]:
         """What a base gets to carry this run's classification head (nothing for a language model)."""
@@ -151,8 +179,6 @@ def _adapter_config(path: Path, base: str, task: str) -> JetMoeConfig:
     if task == "sequence_classification":
         raise RecipeError(f"--model: the classifier adapter in {path} has no config.json giving its classes.")
     if base in TINY_NAMES:
-        from ..assets import tiny_config
-
         return tiny_config()
     if is_adapter_dir(base):
         return _adapter_config(
@@ -163,8 +189,22 @@ def _adapter_config(path: Path, base: str, task: str) -> JetMoeConfig:
     return read_config_file(base, f"--model: the base of {path}")
 
 
+def load_run_tokenizer(source: Source):
+    """The run's tokenizer (a pad token set as the loops set it), or one line."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source.path))
+    except (OSError, ValueError) as error:
+        raise RecipeError(
+            f"--model: cannot load the tokenizer in {source.path} ({str(error).splitlines()[0][:200]})."
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
 def load_run_model(source: Source) -> nn.Module:
-    """The run's own model, merged, in fp32, in evaluation mode (QLoRA: merged into the dequantized experts)."""
+    """The run's own model, merged, in fp32, in evaluation mode (QLoRA: merged into the dequantized experts); a
+    model with NaN or Inf weights is one line."""
     try:
         if source.kind == "qlora":
             model = merge_adapter(source, dequantized_base(source))
@@ -178,6 +218,16 @@ def load_run_model(source: Source) -> nn.Module:
                 "was trained on."
             ) from None
         raise
+    bad = [
+        name
+        for name, tensor in model.state_dict().items()
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+    ]
+    if bad:
+        raise RecipeError(
+            f"--model: {source.path} holds NaN or Inf weights ({len(bad)} tensors, e.g. {bad[0]}); the run diverged: "
+            "export an earlier checkpoint."
+        )
     return model.float().eval()
 
 
@@ -230,7 +280,7 @@ def dequantized_base(source: Source) -> nn.Module:
             other = quantized.get(name)
             if isinstance(other, JetMoeParallelExperts4bit):
                 module.weight.copy_(other.dequantize().float())
-            elif isinstance(module, nn.Linear) and hasattr(getattr(other, "weight", None), "quant_state"):
+            elif isinstance(module, nn.Linear) and _is_4bit_linear(other):
                 module.weight.copy_(_dequantize_linear(other).float())
         # the rest went through the compute dtype before training (`quantize_model_4bit` casts the model first)
         dtype = getattr(torch, quantization_settings(source)["compute_dtype"])
@@ -256,7 +306,3 @@ def merge_adapter(source: Source, base: nn.Module) -> nn.Module:
     """`base` with the run's adapter merged into it (PEFT's `merge_and_unload`, our expert LoRA registered)."""
     config = register_expert_lora(PeftConfig.from_pretrained(str(source.path)))
     return PeftModel.from_pretrained(base, str(source.path), config=config).merge_and_unload()
-
-
-def is_expert_module(module: nn.Module) -> bool:
-    return isinstance(module, JetMoeParallelExperts)
