@@ -65,6 +65,7 @@ class TrackerRuns:
         self.wandb = None
         self.mlflow = None
         self.output_dir: Path | None = None
+        self._set_env: list[str] = []  # variables set for the callbacks while the runs are open
 
     def open(self, args, fingerprint: dict[str, Any], resumed: bool) -> None:
         """Before the trainer's callbacks set themselves up: open (or, resuming, reopen) each tracker's run."""
@@ -95,6 +96,10 @@ class TrackerRuns:
 
             run_id = earlier.get("mlflow")
             self.mlflow = mlflow.start_run(run_id=run_id, run_name=None if run_id else args.run_name)
+            if run_id and "MLFLOW_MAX_LOG_PARAMS" not in os.environ:
+                # the run's parameters are logged already; MLflow refuses changed values (max_steps, resume_...)
+                os.environ["MLFLOW_MAX_LOG_PARAMS"] = "0"
+                self._set_env.append("MLFLOW_MAX_LOG_PARAMS")
             mlflow.set_tags(
                 {"jetmoe_ft.fingerprint": fingerprint["sha"], "jetmoe_ft.run_name": args.run_name}
             )
@@ -145,6 +150,8 @@ class TrackerRuns:
             if mlflow.active_run() is not None:
                 mlflow.end_run(status=EXIT_STATUS.get(exit_status, "FAILED"))
             self.mlflow = None
+        while self._set_env:
+            os.environ.pop(self._set_env.pop(), None)
 
 
 TRACKER_RUNS = TrackerRuns()
