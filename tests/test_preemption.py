@@ -54,7 +54,9 @@ def test_a_preempted_run_checkpoints_says_how_to_resume_and_resumes_bit_identica
     output_dir = tmp_path / "preempted"
     command = [sys.executable, "-m", "jetmoe_ft.cli", "sft", *RUN, "--output_dir", str(output_dir)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not (output_dir / "checkpoint-2" / "trainer_state.json").is_file():
@@ -63,7 +65,9 @@ def test_a_preempted_run_checkpoints_says_how_to_resume_and_resumes_bit_identica
             time.sleep(0.05)
         run.send_signal(signal.SIGUSR1)  # SLURM's early warning (--signal=USR1@SECONDS)
         # a second signal (SIGTERM, the scheduler's next) as soon as the new checkpoint's folder appears
-        while run.poll() is None and not [p for p in output_dir.glob("checkpoint-*") if p.name != "checkpoint-2"]:
+        while run.poll() is None and not [
+            p for p in output_dir.glob("checkpoint-*") if p.name != "checkpoint-2"
+        ]:
             time.sleep(0.005)
         if run.poll() is None:
             run.send_signal(signal.SIGTERM)
@@ -93,7 +97,10 @@ def test_a_preempted_run_checkpoints_says_how_to_resume_and_resumes_bit_identica
     assert f"No complete checkpoint in {fresh}: starting from the beginning." in capsys.readouterr().out
 
     assert _history(output_dir / f"checkpoint-{STEPS}") == _history(fresh / f"checkpoint-{STEPS}")
-    resumed, uninterrupted = load_file(output_dir / "model.safetensors"), load_file(fresh / "model.safetensors")
+    resumed, uninterrupted = (
+        load_file(output_dir / "model.safetensors"),
+        load_file(fresh / "model.safetensors"),
+    )
     assert resumed.keys() == uninterrupted.keys()
     for name, tensor in uninterrupted.items():
         assert torch.equal(resumed[name], tensor), name
