@@ -14,6 +14,13 @@ from ..training.model_card import _results
 from .probes import GREEDY_TOKENS
 from .sources import Source
 
+KIND_NAMES = {
+    "full": "a full model",
+    "adapter": "an expert-LoRA adapter",
+    "stacked_adapter": "an adapter trained on another adapter",
+    "qlora": "a QLoRA adapter",
+}
+
 
 def snippets(
     source: Source, probe: dict, model_id: str, adapter: str | None, base: str | None
@@ -123,13 +130,16 @@ def write_card(
         "```python",
         shown["model"].rstrip(),
         "```",
-        "",
-        'Served by transformers\' OpenAI-compatible server (`pip install "transformers[serving]"`):',
-        "",
-        "```bash",
-        f"transformers serve {model_id} --port 8000",
-        "```",
     ]
+    if info["head"] == "lm":
+        lines += [
+            "",
+            'Served by transformers\' OpenAI-compatible server (`pip install "transformers[serving]"`):',
+            "",
+            "```bash",
+            f"transformers serve {model_id} --port 8000",
+            "```",
+        ]
     if "adapter" in shown:
         lines += [
             "",
@@ -167,14 +177,6 @@ def write_card(
         "",
     ]
     (folder / "README.md").write_text("\n".join(lines))
-
-
-KIND_NAMES = {
-    "full": "a full model",
-    "adapter": "an expert-LoRA adapter",
-    "stacked_adapter": "an adapter trained on another adapter",
-    "qlora": "a QLoRA adapter",
-}
 
 
 def _what(info: dict) -> str:

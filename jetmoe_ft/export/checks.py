@@ -127,6 +127,7 @@ def check_fine_tune(
 
 
 def base_has_head(source: Source) -> bool:
+    """Whether the run's base directory holds a classification head of its own (`score`)."""
     base = Path(source.base)
     if not base.is_dir():
         return False
@@ -341,6 +342,7 @@ class FreshProcess:
         )
 
     def check(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Checks 3 and 4 of one staged export; a process that dies is a refusal with its last line."""
         result_path = Path(self.folder) / "result.json"
         result_path.unlink(missing_ok=True)
         spec = {**spec, "result": str(result_path), "threads": self.threads}

@@ -24,6 +24,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
+    """The command line of `jetmoe-ft export`."""
     p = _Parser(prog="jetmoe-ft export", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="the run's output_dir (a model or an adapter)")
     p.add_argument("--output", required=True, help="a new (or empty) directory for the export")
@@ -38,6 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None):
+    """Parse `argv` and export."""
     args = parser().parse_args(argv)
     return export_run(
         args.model,

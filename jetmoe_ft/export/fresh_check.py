@@ -140,6 +140,7 @@ def backbone(model):
 
 
 def compare_greedy(logits: torch.Tensor, row: dict, greedy: dict, index: int) -> None:
+    """Count the greedy positions of one probe (see `run_probes`) into `greedy`."""
     reference = row["routed_logits"]
     error = (logits - reference).abs().max().item()
     start = row["input_ids"].numel() - 1
@@ -220,6 +221,7 @@ def _normal(value):
 
 
 def load_export(export_dir: str, task: str, dtype: torch.dtype):
+    """transformers' own class loads the export with no missing, unexpected or mismatched tensors."""
     model, info = model_class(task).from_pretrained(export_dir, dtype=dtype, output_loading_info=True)
     problems = {
         kind: sorted(str(key) for key in info.get(kind, []))
@@ -235,6 +237,7 @@ def load_export(export_dir: str, task: str, dtype: torch.dtype):
 
 
 def check_template(export_dir: str, rows: list[dict], conversations: list) -> dict:
+    """The exported tokenizer and chat template give the probe's token ids."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(export_dir)
     for index, (row, probe) in enumerate(zip(rows, conversations, strict=True)):
         if "messages" not in probe:
@@ -263,6 +266,7 @@ def run_snippet(snippet: str) -> str:
 
 
 def check_snippet(spec: dict, name: str) -> dict:
+    """The card's snippet `name` prints what the run's own model gives (bf16 generation: reported)."""
     snippet = spec.get(f"{name}_snippet")
     if not snippet:
         return {}
@@ -302,6 +306,7 @@ def check_export(spec: dict) -> tuple[dict, object]:
 
 
 def verdicts(figures: dict, spec: dict, name: str) -> None:
+    """Logits, then greedy tokens and router top-k against the tolerances."""
     logits_verdict(name, figures, spec["tolerances"], spec["dtype"])
     if name == "peft logits" and not spec["tolerances"]["peft_token_gates"]:
         return  # bf16: PEFT adds the delta in bf16 on every forward, a second rounding: greedy / top-k reported only
@@ -396,6 +401,7 @@ def handle(spec: dict) -> dict:
 
 
 def failure_line(error: Exception) -> str:
+    """One line for a failed check; a crash names its place."""
     if isinstance(error, CheckFailed):
         return str(error)
     frame = traceback.extract_tb(error.__traceback__)[-1]

@@ -52,6 +52,7 @@ class Source:
 
     @property
     def is_adapter(self) -> bool:
+        """An adapter (expert LoRA, stacked or QLoRA), not a full model."""
         return self.adapter_config is not None
 
     @property
@@ -69,6 +70,7 @@ class Source:
 
     @property
     def seed(self) -> int:
+        """The tiny model's `model_seed` (which random base a tiny run started from)."""
         return int(self.recipe.get("model_seed", 0) or 0)
 
     @property
@@ -95,6 +97,7 @@ class Source:
 
     @property
     def datasets(self) -> list[str]:
+        """The recipe's data sources (the card's `datasets`)."""
         if self.recipe.get("dataset_name"):
             return [str(self.recipe["dataset_name"])]
         return [
@@ -164,6 +167,7 @@ def read_source(model: str | Path) -> Source:
 
 
 def check_base_exists(base: str, path: Path) -> None:
+    """The run names the model it started from, and a local one is still there."""
     if not base:
         raise RecipeError(f"--model: {path} does not say which model it started from (model_name_or_path).")
     if base not in TINY_NAMES and not Path(base).expanduser().exists() and Path(base).is_absolute():
