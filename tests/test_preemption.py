@@ -91,9 +91,15 @@ def test_a_preempted_run_checkpoints_says_how_to_resume_and_resumes_bit_identica
 
     # the same command resumes; a requeued job whose recipe says `resume_from_checkpoint: true` starts fresh when
     # there is no checkpoint yet: the uninterrupted run below
-    assert sft_cli([*RUN, "--output_dir", str(output_dir), "--resume_from_checkpoint", "true"]) == 0
+    # one thread, as the signalled process had (OMP_NUM_THREADS=1): another thread count sums in another order
     fresh = tmp_path / "uninterrupted"
-    assert sft_cli([*RUN, "--output_dir", str(fresh), "--resume_from_checkpoint", "true"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert sft_cli([*RUN, "--output_dir", str(output_dir), "--resume_from_checkpoint", "true"]) == 0
+        assert sft_cli([*RUN, "--output_dir", str(fresh), "--resume_from_checkpoint", "true"]) == 0
+    finally:
+        torch.set_num_threads(threads)
     assert f"No complete checkpoint in {fresh}: starting from the beginning." in capsys.readouterr().out
 
     assert _history(output_dir / f"checkpoint-{STEPS}") == _history(fresh / f"checkpoint-{STEPS}")
